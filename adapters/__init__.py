@@ -1,0 +1,1 @@
+"""Adapter families. Importing this package registers every family with `studio.registry`."""

@@ -1,0 +1,76 @@
+"""The per-forward context the adapter stack hands to every adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """What is known about one UNet forward before it runs.
+
+    Attributes:
+        batch_size: the UNet batch `N` (`2 * B` under classifier-free guidance: unconditional half first).
+        cfg: True when the batch is `[unconditional; conditional]` halves.
+        timestep: `[N]` timesteps of this forward.
+        progress: `[N]` fraction of sampling done, in [0, 1] (step index / steps while sampling, else 1 - t/T).
+        latent_size: `(H, W)` of the latent sample.
+        num_frames: frames per video sample (1 for images).
+        unet: the UNet being run (adapters use its frozen time embedding, for instance).
+        cache: per-forward scratch space shared by adapters (e.g. the timestep embedding).
+    """
+
+    batch_size: int
+    cfg: bool
+    timestep: torch.Tensor
+    progress: torch.Tensor
+    latent_size: tuple[int, int]
+    num_frames: int = 1
+    unet: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def spatial_size(self, seq_len: int) -> tuple[int, int]:
+        """`(h, w)` of an attention layer whose token count is `seq_len` (the latent downsampled by 2**k)."""
+        H, W = self.latent_size
+        k = round(math.log(H * W / seq_len, 4)) if seq_len else 0
+        h, w = math.ceil(H / 2**k), math.ceil(W / 2**k)
+        if h * w != seq_len:  # odd sizes: diffusers' downsamplers round up, fall back to the aspect ratio
+            h = max(1, round(math.sqrt(seq_len * H / W)))
+            w = seq_len // h
+        return h, w
+
+    def expand(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Repeat a per-sample tensor `[N, ...]` to an attention batch `n = N * frames` (video: `(b f)` order)."""
+        if t.shape[0] == n:
+            return t
+        if n % t.shape[0]:
+            raise ValueError(f"cannot expand a batch of {t.shape[0]} to {n}")
+        return t.repeat_interleave(n // t.shape[0], dim=0)
+
+
+@dataclass
+class CallInfo:
+    """What an adapter learns once per pipeline call, before sampling (to encode its inputs once).
+
+    Attributes:
+        pipe: the diffusers pipeline (its image encoder, VAE, ... may be used).
+        batch_size: conditional samples `B` of the call (prompts x images per prompt).
+        num_images_per_prompt: how often each prompt is repeated (diffusers' repeat order: p0, p0, p1, p1).
+        cfg: True when the UNet batch is `[unconditional; conditional]` (`N = 2B`).
+        guidance_scale: the requested guidance scale (CFG scale, or AGD's w).
+        device, dtype: where the UNet runs.
+        num_frames: frames per sample (video pipelines), else 1.
+    """
+
+    pipe: Any
+    batch_size: int
+    num_images_per_prompt: int
+    cfg: bool
+    guidance_scale: float
+    device: torch.device
+    dtype: torch.dtype
+    num_frames: int = 1

@@ -1,0 +1,47 @@
+"""The one composing attention processor the studio installs on every attention layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .stack import AdapterStack
+
+
+class ComposingAttnProcessor:
+    """Runs the layer's original processor once, then adds every attached adapter's gated contribution.
+
+    The original processor (SDPA, xformers, a LoRA-aware or any custom one) is kept as `base`, so whatever the
+    UNet did before attach it still does. With no adapter acting on this layer in this forward, the base output
+    is returned untouched, which keeps a detached, zero-scaled or out-of-window stack bit-identical to the plain UNet.
+    """
+
+    def __init__(self, base: Any, layer: str, stack: "AdapterStack"):
+        self.base = base
+        self.layer = layer
+        self.stack = stack
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=attention_mask, **kwargs)
+        ctx = self.stack.context
+        slots = self.stack.slots_for_layer(self.layer)
+        if ctx is None or not slots:
+            return out
+        for slot in slots:
+            gate = slot.gate_for_layer(self.layer)
+            if gate is None:
+                continue
+            contrib = slot.adapter.contribution(self.layer, attn, hidden_states, encoder_hidden_states, slot.state, ctx)
+            gate = ctx.expand(gate, contrib.shape[0]).to(device=contrib.device, dtype=contrib.dtype)
+            out = out + gate.view(-1, *([1] * (contrib.ndim - 1))) * contrib
+        return out

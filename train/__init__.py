@@ -1,0 +1,1 @@
+"""Training scripts (accelerate-launchable) and their shared loop."""

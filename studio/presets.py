@@ -252,7 +252,7 @@ def _load_pretrained(cls, preset: ModelPreset, torch_dtype):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         return cls.from_pretrained(cfg["pretrained"], **kwargs)
-    except (OSError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise PresetError(
             f"could not load {cfg['pretrained']!r} for preset {preset.name!r}: {e}. Give a local diffusers folder "
             "(model_index.json + component folders) or a hub id reachable from this machine"

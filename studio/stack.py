@@ -107,6 +107,13 @@ class Slot:
         if not (0.0 <= self.start <= self.end <= 1.0):
             raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {self.start}..{self.end}")
 
+    def set_window(self, start: float, end: float) -> None:
+        """Set both ends of the step window at once (checked together)."""
+        if not 0.0 <= start <= end <= 1.0:
+            raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {start}..{end}")
+        object.__setattr__(self, "start", float(start))
+        object.__setattr__(self, "end", float(end))
+
     def gate_for_layer(self, layer: str) -> torch.Tensor | None:
         """`[N]` multiplier for this forward and layer, or None when the adapter adds nothing here."""
         if self._gate is None:

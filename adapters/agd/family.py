@@ -1,0 +1,71 @@
+"""The AGD family for the studio registry: load an adapter from any supported file, read its mix inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from studio.errors import CheckpointError, MixError
+from studio.registry import Family, register_family
+
+from .modeling_agd import AGDAdapter
+from .upstream import adapter_from_upstream
+
+UPSTREAM_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load_agd(weights: str, pipe: Any) -> AGDAdapter:
+    """An `AGDAdapter` fitted to `pipe.unet` from:
+
+    * a folder written by `save_pretrained` (`config.json` + `diffusion_pytorch_model.safetensors`), or a
+      `.safetensors` file inside one;
+    * an upstream AGD checkpoint `.pt` / `.pth` / `.ckpt` (read with `weights_only=True`);
+    * a hub id holding such a folder (through `from_pretrained`).
+
+    Raises CheckpointError / IncompatibleAdapterError (expected vs found) without touching `pipe`.
+    """
+    if not weights:
+        raise CheckpointError("the AGD unit needs weights: a save_pretrained folder or an upstream .pt file")
+    path = Path(weights)
+    unet = pipe.unet
+    if path.is_file() and path.suffix in UPSTREAM_SUFFIXES:
+        adapter = adapter_from_upstream(path, unet)
+    else:
+        folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
+        if folder.exists() and not (folder / "config.json").is_file():
+            raise CheckpointError(f"{weights} is not an AGD adapter: no config.json next to the weights (expected a "
+                                  f"save_pretrained folder or an upstream {'/'.join(UPSTREAM_SUFFIXES)} file)")
+        if (folder / "config.json").is_file():
+            try:
+                cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
+            if cls_name != AGDAdapter.__name__:
+                raise CheckpointError(f"{folder} holds a {cls_name!r}, not an {AGDAdapter.__name__}")
+        try:
+            adapter = AGDAdapter.from_pretrained(str(folder))
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"could not load the AGD adapter {weights}: {str(e).splitlines()[0][:300]}") from None
+        adapter.check_compatible(unet)
+    return adapter.to(device=unet.device, dtype=unet.dtype)
+
+
+def agd_inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """Mix inputs of an AGD unit: optional `guidance_scale` (w; default: the call's guidance scale)."""
+    unknown = set(inputs) - {"guidance_scale"}
+    if unknown:
+        raise MixError(f"AGD unit inputs: unknown keys {sorted(unknown)}; allowed: guidance_scale")
+    out = {}
+    if "guidance_scale" in inputs:
+        w = inputs["guidance_scale"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise MixError(f"AGD unit inputs: guidance_scale must be a number, got {w!r}")
+        out["guidance_scale"] = float(w)
+    return out
+
+
+AGD_FAMILY = register_family(Family("agd", "AGD", load=load_agd, inputs_from_json=agd_inputs_from_json))

@@ -1,0 +1,219 @@
+"""`AGDAdapter`: classifier-free guidance distilled into adapters on every cross-attention of a frozen UNet.
+
+With the adapter, sampling takes ONE UNet pass per step: the conditional prediction plus the adapter's
+contributions approximates `eps_uncond + w * (eps_cond - eps_uncond)` for the guidance scale w it is given.
+
+The adapter is a diffusers `ModelMixin`/`ConfigMixin`: `save_pretrained(folder)` writes `config.json` +
+`diffusion_pytorch_model.safetensors`, `AGDAdapter.from_pretrained(folder)` reads them back. Upstream AGD
+checkpoints (`.pt`, `{"model": {module_path: state_dict}}`) load through `adapters.agd.upstream`.
+
+Timestep conditioning uses the base UNet's own frozen time embedding (`unet.time_proj` then `unet.time_embedding`),
+computed once per UNet forward and shared through `ForwardContext.cache`. On SDXL-shaped UNets this is the plain
+timestep embedding, WITHOUT the added text/time-id conditioning (`add_embedding`) that the UNet sums onto it:
+the adapter gets the prompt through its own prompt tokens, and upstream AGD conditions on the plain embedding too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from studio.adapter import AttentionAdapter
+from studio.context import CallInfo, ForwardContext
+from studio.errors import IncompatibleAdapterError, StudioError
+
+from .layers import GuidanceAdditive, GuidanceCrossAttention
+
+ARCHS = ("attention", "additive")
+#: ForwardContext.cache key of the UNet's plain time embedding `[N, time_embed_dim]` (shared with other adapters)
+TIME_EMB_KEY = "unet.time_embedding"
+_PROC = ".processor"
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """`{module path: Attention}` of every spatial cross-attention (`attn2`) of `unet`, in `attn_processors` order.
+
+    Down, mid and up blocks alike; motion modules (AnimateDiff) are skipped: their attn2 is temporal self-attention.
+    """
+    out = {}
+    for name in unet.attn_processors:
+        if not name.endswith(".attn2" + _PROC) or "motion_modules" in name:
+            continue
+        path = name[: -len(_PROC)]
+        attn = unet.get_submodule(path)
+        if getattr(attn, "is_cross_attention", True):
+            out[path] = attn
+    return out
+
+
+def unet_time_embedding(unet: nn.Module, timestep: torch.Tensor) -> torch.Tensor:
+    """The UNet's plain timestep embedding `[N, time_embed_dim]` for timesteps `[N]` (no added conditioning)."""
+    dtype = unet.time_embedding.linear_1.weight.dtype
+    t_proj = unet.time_proj(timestep).to(dtype)  # Timesteps returns float32 whatever the UNet's dtype
+    return unet.time_embedding(t_proj)
+
+
+class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
+    """Adapter guidance distillation on every `attn2` of a UNet.
+
+    Args:
+        layer_paths: module paths of the attn2 layers it covers (e.g.
+            `down_blocks.1.attentions.0.transformer_blocks.0.attn2`), in the UNet's processor order.
+        input_dims: width of each layer's input/output (the attn2 query dim).
+        hidden_dim: width of the adapter's tokens (upstream default 320).
+        arch: "attention" (cross-attention onto `[w, t, prompt...]`, the paper's adapter) or "additive"
+            (token-independent vector from `w + t + mean(prompt)`).
+        timestep_dim: width of the UNet's time embedding; None = no timestep conditioning.
+        prompt_dim: the UNet's `cross_attention_dim`; None = no prompt conditioning.
+        num_heads, qkv_bias, max_len: cross-attention heads, biases of q/k/v, positional table length.
+        mlp_ratio: hidden width of the w encoder's MLP, as a multiple of `hidden_dim`.
+        dropout: dropout inside the adapter while training.
+        guidance_scale_mult: w is multiplied by this before its Fourier features; default 1 for "attention",
+            1000 for "additive" (the values the upstream checkpoints were trained with).
+        base_model: free-form note of the base model it was trained for (e.g. "tiny-sd15").
+    """
+
+    config_name = "config.json"
+    family = "agd"
+    target = "attn2"
+
+    @register_to_config
+    def __init__(
+        self,
+        layer_paths: Sequence[str] = (),
+        input_dims: Sequence[int] = (),
+        hidden_dim: int = 320,
+        arch: str = "attention",
+        timestep_dim: int | None = None,
+        prompt_dim: int | None = None,
+        num_heads: int = 1,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+        max_len: int = 250,
+        guidance_scale_mult: float | None = None,
+        base_model: str | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise StudioError(f"AGD arch must be one of {ARCHS}, got {arch!r}")
+        if len(layer_paths) != len(input_dims) or not layer_paths:
+            raise StudioError(f"AGD needs one input dim per layer: got {len(layer_paths)} layers, "
+                              f"{len(input_dims)} dims")
+        self.layer_paths = list(layer_paths)
+        self._index = {p + _PROC: i for i, p in enumerate(self.layer_paths)}
+        mult = guidance_scale_mult if guidance_scale_mult is not None else (1.0 if arch == "attention" else 1000.0)
+        self.w_mult = float(mult)
+        blocks = []
+        for dim in input_dims:
+            if arch == "attention":
+                blocks.append(GuidanceCrossAttention(int(dim), hidden_dim, timestep_dim, prompt_dim, num_heads,
+                                                     mlp_ratio, qkv_bias, dropout, max_len))
+            else:
+                blocks.append(GuidanceAdditive(int(dim), hidden_dim, timestep_dim, prompt_dim, mlp_ratio, dropout,
+                                               guidance_scale_mult=mult))
+        self.blocks = nn.ModuleList(blocks)
+
+    # ---- construction
+    @classmethod
+    def from_unet(cls, unet: nn.Module, hidden_dim: int = 320, arch: str = "attention", use_timestep: bool = True,
+                  use_prompt: bool = True, base_model: str | None = None, **kwargs: Any) -> "AGDAdapter":
+        """A fresh (zero-output) adapter on every attn2 of `unet` (down, mid and up blocks)."""
+        layers = cross_attention_layers(unet)
+        if not layers:
+            raise IncompatibleAdapterError("this UNet has no cross-attention (attn2) layers for AGD to attach to")
+        first = next(iter(layers.values()))
+        return cls(
+            layer_paths=list(layers), input_dims=[a.to_q.in_features for a in layers.values()], hidden_dim=hidden_dim,
+            arch=arch, timestep_dim=unet.time_embedding.linear_2.out_features if use_timestep else None,
+            prompt_dim=first.to_k.in_features if use_prompt else None, base_model=base_model, **kwargs)
+
+    # ---- AttentionAdapter interface
+    def layer_names(self) -> list[str]:
+        return list(self._index)
+
+    def check_compatible(self, unet: nn.Module) -> None:
+        """Raise `IncompatibleAdapterError` naming the first layer / width that does not fit `unet`."""
+        layers = cross_attention_layers(unet)
+        missing = [p for p in self.layer_paths if p not in layers]
+        if missing:
+            raise IncompatibleAdapterError(
+                f"AGD adapter covers {len(self.layer_paths)} attn2 layers, {len(missing)} of which this UNet lacks "
+                f"(first: {missing[0]!r}); the UNet's attn2 layers are {list(layers)[:4]}... ({len(layers)} in all). "
+                "It was made for another base model.")
+        for path, dim in zip(self.layer_paths, self.config.input_dims):
+            attn = layers[path]
+            if attn.to_q.in_features != dim or attn.to_out[0].out_features != dim:
+                raise IncompatibleAdapterError(
+                    f"AGD layer {path}: expected width {dim}, the UNet's attn2 there has query dim "
+                    f"{attn.to_q.in_features} and output dim {attn.to_out[0].out_features}")
+            if self.config.prompt_dim and attn.to_k.in_features != self.config.prompt_dim:
+                raise IncompatibleAdapterError(
+                    f"AGD adapter expects prompt tokens of width {self.config.prompt_dim} (cross_attention_dim), "
+                    f"the UNet's {path} takes {attn.to_k.in_features}")
+        if self.config.timestep_dim:
+            found = unet.time_embedding.linear_2.out_features
+            if found != self.config.timestep_dim:
+                raise IncompatibleAdapterError(
+                    f"AGD adapter expects a time embedding of width {self.config.timestep_dim}, the UNet's is {found}")
+
+    def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
+        """Fix w for the call: `inputs["guidance_scale"]` if given (number or one per sample), else the call's scale."""
+        w = inputs.get("guidance_scale", call.guidance_scale)
+        return {**inputs, "guidance_scale": self._as_w(w, call.batch_size, call.device)}
+
+    def prepare(self, inputs: dict[str, Any], ctx: ForwardContext) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer the embedded `(w, t)` tokens `[N, hidden_dim]` (t None without timestep conditioning)."""
+        if ctx.cfg:
+            raise StudioError("the AGD adapter replaces classifier-free guidance: run it with one conditional batch "
+                              "(StudioPipeline guidance='agd'), not inside a CFG batch")
+        if "guidance_scale" not in inputs:
+            raise StudioError("the AGD adapter needs its guidance scale: give guidance_scale=w (slot input or call)")
+        device = ctx.timestep.device
+        w = self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
+        t_emb = None
+        if self.config.timestep_dim:
+            t_emb = ctx.cache.get(TIME_EMB_KEY)
+            if t_emb is None:
+                with torch.no_grad():  # the base embedding is frozen: no graph needed through it
+                    t_emb = ctx.cache[TIME_EMB_KEY] = unet_time_embedding(ctx.unet, ctx.timestep)
+        return [(blk.embed_w(w), blk.embed_t(t_emb) if t_emb is not None else None) for blk in self.blocks]
+
+    def contribution(self, layer: str, attn: nn.Module, hidden_states: torch.Tensor,
+                     encoder_hidden_states: torch.Tensor | None, state: Any, ctx: ForwardContext) -> torch.Tensor:
+        """`[n, L, C]` added to the attn2 output of `layer` (`n = N * frames` for video)."""
+        i = self._index[layer]
+        blk = self.blocks[i]
+        n = hidden_states.shape[0]
+        w_tok, t_tok = state[i]
+        w_tok = ctx.expand(w_tok, n)
+        t_tok = ctx.expand(t_tok, n) if t_tok is not None else None
+        prompt = encoder_hidden_states if blk.prompt_proj is not None else None
+        if isinstance(blk, GuidanceCrossAttention):
+            out = blk(hidden_states, blk.tokens(w_tok, t_tok, prompt))
+        else:
+            out = blk(hidden_states, blk.vector(w_tok, t_tok, prompt))
+        return out.to(hidden_states.dtype)
+
+    # ---- helpers
+    @staticmethod
+    def _as_w(w: Any, n: int, device: torch.device | str) -> torch.Tensor:
+        """w as a float32 tensor `[n]` from a number, a list or a tensor of 1 or n values."""
+        try:
+            t = torch.as_tensor(w, dtype=torch.float32).flatten().to(device)
+        except (TypeError, ValueError, RuntimeError):
+            raise StudioError(f"AGD guidance_scale must be a number or one number per sample, got {w!r}") from None
+        if not bool(torch.isfinite(t).all()):
+            raise StudioError(f"AGD guidance_scale must be finite, got {w!r}")
+        if t.numel() == 1:
+            return t.expand(n)
+        if t.numel() != n:
+            raise StudioError(f"AGD guidance_scale has {t.numel()} values for a batch of {n} samples; give one or {n}")
+        return t
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

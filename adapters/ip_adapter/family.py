@@ -1,0 +1,79 @@
+"""IP-Adapter as a studio family ("ip"): loading from any weights format and reading mix inputs from JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from studio.errors import MixError
+from studio.registry import Family, register_family
+
+from .adapter import IPAdapter
+from .formats import load_ip_adapter
+
+
+def load(weights: str, pipe: Any) -> IPAdapter:
+    """An IP-Adapter for `pipe` from a file / folder / hub id, checked against its UNet and image encoder."""
+    if not weights:
+        raise MixError("an IP-Adapter unit needs 'weights' (a .bin/.safetensors file or an IP-Adapter folder)")
+    return load_ip_adapter(weights, unet=pipe.unet, image_encoder=getattr(pipe, "image_encoder", None))
+
+
+def _path(p: Any, base_dir: Path | None, what: str) -> Path:
+    if not isinstance(p, str):
+        raise MixError(f"IP-Adapter input {what!r} must be a path string, got {type(p).__name__}")
+    path = Path(p)
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if not path.is_file():
+        raise MixError(f"IP-Adapter input {what!r}: {p!r} does not exist")
+    return path
+
+
+def _image(p: Any, base_dir: Path | None, what: str) -> Any:
+    from PIL import Image
+
+    with Image.open(_path(p, base_dir, what)) as im:
+        return im.convert("RGB")
+
+
+def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """JSON unit inputs -> call inputs.
+
+    `image`: a path or a list of paths; `sample_images`: a list (one per sample) of paths or lists of paths;
+    `mask`: a path to a grey image (white = inside); `combine`: "concat" | "average";
+    `image_embeds`: a `.safetensors` path holding `image_embeds` (and optionally `negative_image_embeds`).
+    """
+    out: dict[str, Any] = {}
+    for key, val in inputs.items():
+        if key == "image":
+            out[key] = [_image(p, base_dir, key) for p in val] if isinstance(val, list) else _image(val, base_dir, key)
+        elif key == "sample_images":
+            if not isinstance(val, list):
+                raise MixError("IP-Adapter 'sample_images' must be a list with one entry per sample")
+            out[key] = [[_image(p, base_dir, key) for p in v] if isinstance(v, list) else _image(v, base_dir, key)
+                        for v in val]
+        elif key == "mask":
+            from PIL import Image
+
+            with Image.open(_path(val, base_dir, key)) as im:
+                out[key] = im.convert("L")
+        elif key == "image_embeds":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(_path(val, base_dir, key)))
+            if "image_embeds" not in tensors:
+                raise MixError(f"IP-Adapter 'image_embeds' file {val!r} lacks the tensor 'image_embeds'")
+            out["image_embeds"] = tensors["image_embeds"]
+            if "negative_image_embeds" in tensors:
+                out["negative_image_embeds"] = tensors["negative_image_embeds"]
+        elif key == "combine":
+            if val not in ("concat", "average"):
+                raise MixError(f"IP-Adapter 'combine' must be 'concat' or 'average', got {val!r}")
+            out[key] = val
+        else:
+            raise MixError(f"unknown IP-Adapter input {key!r}; known: image, sample_images, mask, combine, image_embeds")
+    return out
+
+
+FAMILY = register_family(Family(name="ip", label="IP-Adapter", load=load, inputs_from_json=inputs_from_json))

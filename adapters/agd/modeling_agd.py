@@ -132,6 +132,10 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
             arch=arch, timestep_dim=unet.time_embedding.linear_2.out_features if use_timestep else None,
             prompt_dim=first.to_k.in_features if use_prompt else None, base_model=base_model, **kwargs)
 
+    def to(self, *args: Any, **kwargs: Any) -> "AGDAdapter":
+        # plain nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules on every dtype cast (it has none)
+        return nn.Module.to(self, *args, **kwargs)
+
     # ---- AttentionAdapter interface
     def layer_names(self) -> list[str]:
         return list(self._index)

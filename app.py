@@ -1,0 +1,58 @@
+"""Adapter Studio: `python app.py` serves the Gradio studio on 127.0.0.1:7860 with the tiny built-in model.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model tiny-sd15 | sd15 | owner/name | /path/to/diffusers]
+                  [--models-dir models] [--outputs-dir outputs] [--max-concurrency 1] [--share]
+
+No download happens by default: the tiny model is built from configs. See docs/app.md for the API endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Adapter Studio: mix adapters on a frozen diffusion model in the browser")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port (7860)")
+    p.add_argument("--model", default="tiny-sd15",
+                   help="model preset (tiny-sd15, sd15, sdxl, ...), hub id or local diffusers folder (tiny-sd15)")
+    p.add_argument("--models-dir", default="models", help="folder of adapter weights for the unit dropdowns (models)")
+    p.add_argument("--outputs-dir", default="outputs", help="where images, sidecar JSONs and inputs go (outputs)")
+    p.add_argument("--mixes-dir", default=None, help="folder of mix presets (configs/mixes)")
+    p.add_argument("--runs-dir", default="runs", help="default parent folder of training runs (runs)")
+    p.add_argument("--max-concurrency", type=int, default=1,
+                   help="generations running at once; each holds its own copy of the model (1)")
+    p.add_argument("--queue-size", type=int, default=64, help="most requests waiting in the queue (64)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from studio.app.engine import Engine
+    from studio.app.training_runner import TrainingRunner
+    from studio.app.ui import CSS, build_app, theme
+    from studio.errors import StudioError
+
+    try:
+        engine = Engine(model=args.model, models_dir=args.models_dir, outputs_dir=args.outputs_dir,
+                        max_concurrency=args.max_concurrency, device=args.device)
+        engine.warmup()
+    except StudioError as e:
+        sys.exit(f"app.py: {e}")
+    demo = build_app(engine, TrainingRunner(runs_dir=args.runs_dir), mixes_dir=args.mixes_dir)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.max_concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=CSS,
+                allowed_paths=[str(engine.outputs_dir)], max_file_size="64mb", footer_links=["api", "gradio"],
+                show_error=True)
+
+
+if __name__ == "__main__":
+    main()

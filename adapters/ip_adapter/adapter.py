@@ -296,6 +296,10 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
                                   f"{[len(grp) for grp in groups]}; use combine='average' or equal counts")
             pos = torch.stack(per)
             zero_pixels = torch.zeros_like(pixels[:1])
+        if pos.shape[-1] != self.config.image_embed_dim:
+            raise IncompatibleAdapterError(
+                f"IP-Adapter ({self.config.projection}) expects image embeddings of size {self.config.image_embed_dim}, "
+                f"got {pos.shape[-1]} (shape {list(pos.shape)}): the embeddings come from another image encoder")
         neg = None
         if cfg:
             if inputs.get("negative_image_embeds") is not None:

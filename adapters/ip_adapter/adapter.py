@@ -230,21 +230,25 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
         weights = self.ip_adapter[self._key_of[layer]]
         xg = x.reshape(g, (n // g) * length, c_in)
         key = (layer, g, x.dtype, x.device)
+
+        def keys_values() -> tuple[torch.Tensor, torch.Tensor]:
+            # in the adapter's dtype (it may train in fp32 on a half-precision UNet), then the layer's
+            k, v = ipa.image_keys_values(tokens.to(weights.to_k_ip.weight.dtype), weights.to_k_ip, weights.to_v_ip)
+            return k.to(x.dtype), v.to(x.dtype)
+
         if ipa.use_folded(attn, tokens.shape[1]):
-            k_fold, k_bias, v_fold = state.memo(("fold",) + key, lambda: ipa.fold(
-                attn, *ipa.image_keys_values(tokens.to(x.dtype), weights.to_k_ip, weights.to_v_ip)))
+            k_fold, k_bias, v_fold = state.memo(("fold",) + key, lambda: ipa.fold(attn, *keys_values()))
             out = ipa.folded_attention(xg, k_fold, k_bias, v_fold, attn.heads)
         else:
-            k, v = state.memo(("kv",) + key, lambda: ipa.image_keys_values(tokens.to(x.dtype), weights.to_k_ip,
-                                                                            weights.to_v_ip))
+            k, v = state.memo(("kv",) + key, keys_values)
             out = ipa.standard_attention(attn, xg, k, v)
         out = out.reshape(n, length, -1)
         if state.mask is not None:
-            m = state.memo(("mask", length, n), lambda: ctx.expand(
-                downsample_mask(state.mask.to(device=x.device, dtype=x.dtype), ctx.spatial_size(length)), n)
-                if state.mask.shape[0] > 1 else
-                downsample_mask(state.mask.to(device=x.device, dtype=x.dtype), ctx.spatial_size(length)))
-            out = out * m
+            def layer_mask() -> torch.Tensor:  # [1 or n, length, 1]
+                m = downsample_mask(state.mask.to(device=x.device, dtype=x.dtype), ctx.spatial_size(length))
+                return ctx.expand(m, n) if m.shape[0] > 1 else m
+
+            out = out * state.memo(("mask", length, n), layer_mask)
         if attn.rescale_output_factor != 1.0:
             out = out / attn.rescale_output_factor
         if spatial:

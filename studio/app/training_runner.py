@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from studio.errors import StudioError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # keys a family's training config may use for its data folder, first found in the YAML wins
-DATA_KEYS = ("data_dir", "train_data_dir", "data_root", "dataset_dir", "image_dir", "data")
+DATA_KEYS = ("data_dir", "train_data_dir", "data_root", "dataset_dir", "image_dir", "trajectories", "data")
 
 
 class TrainingError(StudioError):
@@ -55,8 +56,9 @@ class TrainingRunner:
 
     Args:
         configs_dir: where the training YAMLs are (`configs/train`).
-        scripts_dir: where the training scripts are (`train`); config `ip_adapter_tiny.yaml` runs the script whose
-            name is its longest matching prefix (`ip_adapter.py`).
+        scripts_dir: where the training scripts are (`train`); a config runs the script whose name's words are all
+            in the config's name, the most words winning (`agd_tiny.yaml` -> `agd.py`,
+            `agd_tiny_trajectories.yaml` -> `agd_trajectories.py`, `ip_adapter_tiny.yaml` -> `ip_adapter.py`).
         runs_dir: default parent of output folders.
         launcher: `accelerate` (`python -m accelerate.commands.launch --num_processes 1`) or `python`.
     """
@@ -81,10 +83,15 @@ class TrainingRunner:
         return [p.stem for p in sorted(self.configs_dir.glob("*.yaml")) if self._script_for(p.stem) is not None]
 
     def _script_for(self, config_name: str) -> Path | None:
-        scripts = sorted((p for p in self.scripts_dir.glob("*.py") if p.stem not in ("__init__", "loop", "config")),
-                         key=lambda p: -len(p.stem))
-        norm = config_name.replace("-", "_")
-        return next((p for p in scripts if norm == p.stem or norm.startswith(p.stem + "_")), None)
+        words = set(re.split(r"[-_.]", config_name))
+        best, best_n = None, 0
+        for p in sorted(self.scripts_dir.glob("*.py")):
+            if p.stem in ("__init__", "loop", "config"):
+                continue
+            need = set(p.stem.split("_"))
+            if need <= words and len(need) > best_n:
+                best, best_n = p, len(need)
+        return best
 
     def config_path(self, name: str) -> Path:
         path = self.configs_dir / f"{name}.yaml"

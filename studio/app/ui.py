@@ -434,7 +434,7 @@ class StudioApp:
         return gr.update(choices=self.engine.list_weights(fam), value=name)
 
     # ---- training
-    def train_start(self, config: str, data_dir: str, output_dir: str, max_steps: float | None, extra: str) -> str:
+    def ui_train_start(self, config: str, data_dir: str, output_dir: str, max_steps: float | None, extra: str) -> str:
         run = self.runner.start(config, data_dir or "", output_dir or "", int(max_steps) if max_steps else None,
                                 extra or "")
         return _status_md({**self.runner.status(), "output_dir": str(run.output_dir)})
@@ -453,6 +453,7 @@ class StudioApp:
         return [_status_md(st), df if len(df) else None, str(val) if val else None, self.runner.log_tail()]
 
     def train_add_to_models(self) -> str:
+        """Copy the finished run's final adapter into `models/<family>/<run name>`; returns its weights name."""
         st = self.runner.status()
         if not st.get("final"):
             raise StudioError("the run has no final adapter yet (it is written when training finishes)")
@@ -464,7 +465,7 @@ class StudioApp:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(st["final"], dest)
-        return f"Added to the models folder as `{dest.relative_to(self.engine.models_dir).as_posix()}`"
+        return dest.relative_to(self.engine.models_dir).as_posix()
 
     # ---- layout
     def build(self) -> gr.Blocks:
@@ -681,11 +682,12 @@ class StudioApp:
         timer = gr.Timer(2.0)
         config.change(lambda c: self.runner.config_text(c) if c else "", config, config_view, queue=False,
                       api_visibility="private")
-        start_btn.click(friendly_errors(self.train_start), [config, data_dir, output_dir, max_steps, extra], status,
+        start_btn.click(friendly_errors(self.ui_train_start), [config, data_dir, output_dir, max_steps, extra], status,
                         api_visibility="private")
         stop_btn.click(friendly_errors(lambda: _status_md({**self.runner.status(), "note": self.runner.stop()})),
                        None, status, api_visibility="private")
-        add_btn.click(friendly_errors(self.train_add_to_models), None, status, api_visibility="private")
+        add_btn.click(friendly_errors(lambda: f"Added to the models folder as `{self.train_add_to_models()}` — pick it "
+                                          "in a unit's weights (↻)"), None, status, api_visibility="private")
         timer.tick(self.train_refresh, None, [status, plot, val_img, log_box], queue=False, show_progress="hidden",
                    api_visibility="private")
 
@@ -751,7 +753,11 @@ class StudioApp:
             self.runner.stop()
             return json.dumps(self.runner.status())
 
-        for fn in (families, list_weights, list_presets, train_status, train_stop, train_start):
+        def train_add_to_models() -> str:
+            """Copy the finished run's final adapter into the models folder; returns {"name": weights name} (JSON)."""
+            return json.dumps({"name": self.train_add_to_models()})
+
+        for fn in (families, list_weights, list_presets, train_status, train_stop, train_start, train_add_to_models):
             gr.api(friendly_errors(fn), api_name=fn.__name__, concurrency_limit=None if fn is not train_start else 1)
 
 

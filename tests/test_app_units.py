@@ -179,6 +179,20 @@ def test_video_files_gif_mp4_webm(tmp_path):
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 64
 
 
+def test_a_video_model_writes_a_clip_and_a_still_carrying_the_mix(tmp_path):
+    from studio.app.engine import Engine
+    from studio.app.metadata import read_mix
+    from studio.mix import Mix
+
+    eng = Engine(model="tiny-video", models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs")
+    res = eng.generate(Mix(model="tiny-video", sampling={"prompt": "a fox", "steps": 2, "seed": 4, "num_frames": 5,
+                                                         "fps": 5, "width": 64, "height": 64}))
+    assert Image.open(res.videos["gif"]).n_frames == 5 and Image.open(res.videos["gif"]).size == (64, 64)
+    assert res.videos["webm"].stat().st_size > 0
+    mix = read_mix(res.images[0])
+    assert mix.model == "tiny-video" and mix.sampling["num_frames"] == 5 and mix.sampling["fps"] == 5
+
+
 def test_ui_forms_to_mix_and_back_restore_every_widget(engine):
     from studio.app.ui import StudioApp
 
@@ -187,7 +201,8 @@ def test_ui_forms_to_mix_and_back_restore_every_widget(engine):
     ref = make_image(engine.root / "ui-ref.png", seed=9)
     u0, u1 = app.units[0], app.units[1]
     v = {app.prompt: "a cat", app.negative: "blur", app.seed: 42, app.steps: 7, app.width: 96, app.height: 64,
-         app.sampler: "Euler a", app.guidance: "auto", app.cfg_scale: 6.0, app.count: 2, app.n_units: 3}
+         app.sampler: "Euler a", app.guidance: "auto", app.cfg_scale: 6.0, app.count: 2, app.n_units: 3,
+         app.frames: 16, app.fps: 8}
     for u in app.units:
         v.update({u.enabled: False, u.family: "ip", u.weights: None, u.weight: 1.0, u.start: 0.0, u.end: 1.0})
         v.update({c: None for c in u.fields.values()})
@@ -246,3 +261,23 @@ def test_training_runner_matches_scripts_and_stops_a_run(tmp_path):
     st = r.status()
     assert st["state"] == "stopped" and run.process.poll() is not None
     assert [x["step"] for x in r.losses()] == list(range(1, st["step"] + 1))
+
+
+def test_example_presets_are_valid_mixes_that_load_into_the_ui(engine):
+    from studio.app.ui import StudioApp
+    from studio.app.units import preset_of_scale
+    from studio.mix import Mix
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs" / "mixes").glob("*.json"))
+    assert len(presets) >= 4
+    app = StudioApp(engine)
+    app.build()
+    for path in presets:
+        mix = Mix.load(path)
+        upd, warnings = app.mix_to_updates(mix)
+        assert upd[app.prompt] == mix.sampling["prompt"] and upd[app.n_units] == 3
+        assert any("made with model 'sd15'" in w for w in warnings)  # presets are for SD1.5; the test runs tiny
+        for i, unit in enumerate(mix.units):
+            assert upd[app.units[i].family] == unit.family and upd[app.units[i].enabled] is True
+    style = Mix.load(presets[[p.stem for p in presets].index("ip-style-only")])
+    assert preset_of_scale(style.units[0].scale, SD15_UNET) == ("style only", 1.0)

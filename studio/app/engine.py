@@ -429,6 +429,11 @@ class Engine:
         num("steps", 1, lim.max_steps)
         num("num_images", 1, lim.max_images)
         num("guidance_scale", 0.0, 50.0, integer=False)
+        if self.model_kind == "video":
+            s.setdefault("num_frames", 16)
+            s.setdefault("fps", 8)
+            num("num_frames", 1, 256)
+            num("fps", 1, 60)
         for key in ("width", "height"):
             num(key, 64, lim.max_side)
             if isinstance(s.get(key), int) and s[key] % 8:

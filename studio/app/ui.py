@@ -177,6 +177,8 @@ class StudioApp:
             "width": int(v[self.width]), "height": int(v[self.height]), "sampler": v[self.sampler],
             "guidance": v[self.guidance], "guidance_scale": float(v[self.cfg_scale]), "num_images": int(v[self.count]),
         }
+        if self.engine.model_kind == "video":
+            sampling.update(num_frames=int(v[self.frames]), fps=int(v[self.fps]))
         units: list[UnitSpec] = []
         for u in self.units[:n_units]:
             if not v[u.enabled]:
@@ -241,7 +243,7 @@ class StudioApp:
             self.seed: s.get("seed", -1), self.steps: s.get("steps", 20),
             self.width: s.get("width", self.engine.default_size), self.height: s.get("height", self.engine.default_size),
             self.sampler: s.get("sampler", "DDIM"), self.guidance: s.get("guidance", "auto"),
-            self.count: s.get("num_images", 1),
+            self.count: s.get("num_images", 1), self.frames: s.get("num_frames", 16), self.fps: s.get("fps", 8),
         }
         if agd_w is None and "guidance_scale" in s:
             upd[self.cfg_scale] = s["guidance_scale"]
@@ -316,7 +318,7 @@ class StudioApp:
     # ---- handlers
     def all_inputs(self) -> set[Any]:
         comps = {self.prompt, self.negative, self.seed, self.steps, self.width, self.height, self.sampler,
-                 self.guidance, self.cfg_scale, self.count, self.n_units}
+                 self.guidance, self.cfg_scale, self.count, self.frames, self.fps, self.n_units}
         for u in self.units:
             comps.update(u.components())
         return comps
@@ -511,6 +513,10 @@ class StudioApp:
                     with gr.Row(elem_classes=["tight-row"]):
                         self.width = gr.Slider(64, self.engine.limits.max_side, value=size, step=8, label="Width")
                         self.height = gr.Slider(64, self.engine.limits.max_side, value=size, step=8, label="Height")
+                    video = self.engine.model_kind == "video"
+                    with gr.Row(elem_classes=["tight-row"], visible=video):
+                        self.frames = gr.Slider(2, 64, value=16, step=1, label="Frames", visible=video)
+                        self.fps = gr.Slider(1, 30, value=8, step=1, label="FPS", visible=video)
                     with gr.Row(elem_classes=["tight-row"]):
                         self.guidance = gr.Radio(GUIDANCE_CHOICES, value="auto", label="Guidance", scale=2)
                         self.cfg_scale = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale", scale=3,
@@ -557,7 +563,8 @@ class StudioApp:
         inputs = self.all_inputs()
         unit_comps = [c for u in self.units for c in [u.tab, *u.components(), *u.groups.values(), u.help]]
         load_outputs = list(dict.fromkeys([self.prompt, self.negative, self.seed, self.steps, self.width, self.height,
-                                           self.sampler, self.guidance, self.cfg_scale, self.count, self.n_units,
+                                           self.sampler, self.guidance, self.cfg_scale, self.count, self.frames,
+                                           self.fps, self.n_units,
                                            *unit_comps]))
         gen_event = gen_btn.click(friendly_errors(self.generate_ui), inputs=inputs, outputs=self.ui_outputs(),
                                   api_visibility="private", concurrency_id="generate",

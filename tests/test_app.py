@@ -124,8 +124,13 @@ def test_an_output_reproduces_from_its_own_metadata_and_from_the_python_export(s
 
 
 def test_ten_concurrent_requests_all_complete_through_the_queue(studio, client):
-    jobs = [client.submit(f"prompt {i}", "", 100 + i, 3, 64, 64, "Euler", "auto", 5.0, 1, "[]", [],
-                          api_name="/generate") for i in range(10)]
+    from gradio_client import handle_file
+
+    # a mix of unit sets, so adapters load while the second pipeline of the pool is being built
+    unit_sets = [[], [{"family": "ip", "weights": studio.names["ip"], "inputs": {"image": [0]}}],
+                 [{"family": "agd", "weights": studio.names["agd"]}]]
+    jobs = [client.submit(f"prompt {i}", "", 100 + i, 3, 64, 64, "Euler", "auto", 5.0, 1, json.dumps(unit_sets[i % 3]),
+                          [handle_file(str(studio.ref))], api_name="/generate") for i in range(10)]
     results = [j.result(timeout=240) for j in jobs]
     seeds = []
     for i, (gallery, mix_json) in enumerate(results):

@@ -53,6 +53,12 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Building models is not thread-safe: diffusers / transformers construct weights under global patches (meta-device
+# init), so a module built in one thread while another thread builds a pipeline can end up on the meta device.
+# Every construction (pipelines, adapters from weights files) holds this lock; sampling does not.
+_BUILD_LOCK = threading.RLock()
+
+
 class InputImageError(StudioError):
     """An uploaded file that is not an image, or an image over the size cap."""
 
@@ -127,8 +133,9 @@ class Engine:
     def _new_worker(self) -> _Worker:
         from pipelines.studio_pipeline import StudioPipeline
 
-        sp = StudioPipeline.from_preset(self.model, torch_dtype=self.dtype if self.dtype != torch.float32 else None)
-        sp.to(self.device)
+        with _BUILD_LOCK:
+            sp = StudioPipeline.from_preset(self.model, torch_dtype=self.dtype if self.dtype != torch.float32 else None)
+            sp.to(self.device)
         return _Worker(pipeline=sp, scheduler_config=dict(sp.pipe.scheduler.config))
 
     def warmup(self) -> None:
@@ -251,7 +258,7 @@ class Engine:
             else:
                 raise CheckpointError(f"{name!r} is not a weights file: upload {', '.join(WEIGHT_SUFFIXES)} or a .zip "
                                       "of a diffusers folder (config.json + *.safetensors)")
-            with self.worker() as w:
+            with self.worker() as w, _BUILD_LOCK:
                 adapter = fam.load(str(candidate), w.pipeline.pipe)
                 adapter.check_compatible(w.pipeline.pipe.unet)
             dest = dest_dir / candidate.name
@@ -507,7 +514,11 @@ class Engine:
         # the UI-side targets (scale / guidance / sampling) are already folded into the mix; inputs go to the family
         for u in run_mix.units:
             u.weights = str(self.resolve_weights(u.weights))
-        apply_mix(run_mix, sp)
+        with _BUILD_LOCK:
+            apply_mix(run_mix, sp)
+        unet = sp.pipe.unet
+        for slot in sp.stack:  # apply_mix leaves adapters where their loader put them (often cpu / fp32)
+            slot.adapter.to(device=unet.device, dtype=unet.dtype)
         cls_name, extra = SAMPLERS[s["sampler"]]
         sp.pipe.scheduler = getattr(diffusers, cls_name).from_config({**w.scheduler_config, **extra})
         steps, n = s["steps"], s["num_images"]

@@ -48,6 +48,8 @@ def python_snippet(mix: Mix, models_dir: str | os.PathLike, out_prefix: str = "m
         "pipe = StudioPipeline.from_preset(mix.model, torch_dtype=torch.float16 if device == \"cuda\" else None)",
         "pipe.to(device)",
         "apply_mix(mix, pipe, base_dir=MODELS_DIR)  # loads every unit's weights and inputs into the adapter stack",
+        "for slot in pipe.stack:  # adapters onto the UNet's device and dtype",
+        "    slot.adapter.to(device=pipe.pipe.unet.device, dtype=pipe.pipe.unet.dtype)",
         f"pipe.pipe.scheduler = diffusers.{cls_name}.from_config(pipe.pipe.scheduler.config{extra_txt})",
         f"generator = [torch.Generator(\"cpu\").manual_seed({s['seed']} + i) for i in range({s['num_images']})]",
         "result = pipe(",

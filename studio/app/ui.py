@@ -339,8 +339,12 @@ class StudioApp:
     def generate_ui(self, v: dict[Any, Any], request: gr.Request, progress=gr.Progress()) -> list[Any]:
         mix = self.forms_to_mix(v, int(v[self.n_units]))
         progress(0, desc="Loading adapters")
-        res = self.engine.generate(mix, session=_session(request),
-                                   progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
+        try:
+            res = self.engine.generate(mix, session=_session(request),
+                                       progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
+        except GenerationCancelled as e:  # not an error: keep the last result on screen
+            gr.Warning(f"Cancelled {str(e).removeprefix('cancelled ')}")
+            return [gr.skip()] * 3 + [f"**Cancelled** {str(e).removeprefix('cancelled ')}"] + [gr.skip()] * 4
         return self._result_updates(res)
 
     def cancel(self, request: gr.Request) -> None:
@@ -661,6 +665,11 @@ class StudioApp:
                 dep.change(friendly_errors(run_preview), deps, prev, api_visibility="private")
         return u
 
+    def _data_label(self, config: str | None) -> str:
+        if not config:
+            return "Data folder"
+        return f"Data folder (passed as --{self.runner.data_key(self.runner.config_path(config))})"
+
     def _build_train(self) -> None:
         configs = self.runner.configs()
         gr.Markdown("Start one training config as a background process (`accelerate launch`); the plot reads "
@@ -670,15 +679,16 @@ class StudioApp:
                 config = gr.Dropdown(configs, value=configs[0] if configs else None, label="Training config")
                 config_view = gr.Code(self.runner.config_text(configs[0]) if configs else "", language="yaml",
                                       label="Config", lines=8, interactive=False)
-                data_dir = gr.Textbox(label="Data folder", placeholder="/path/to/images (+ captions)")
+                data_dir = gr.Textbox(label=self._data_label(configs[0] if configs else None),
+                                      placeholder="a folder (blank = the config's)")
                 with gr.Row(elem_classes=["tight-row"]):
                     output_dir = gr.Textbox(label="Output folder", placeholder="runs/<config>-<time> (default)")
-                    max_steps = gr.Number(label="Max steps (blank = config)", value=None, precision=0)
+                    max_steps = gr.Number(label="Max steps (0 = the config's)", value=0, precision=0, minimum=0)
                 extra = gr.Textbox(label="Extra arguments", placeholder="--learning_rate 1e-4 --validation_steps 10")
                 with gr.Row(elem_classes=["tight-row"]):
                     start_btn = gr.Button("Start training", variant="primary")
                     stop_btn = gr.Button("Stop", variant="stop")
-                    add_btn = gr.Button("Add final adapter to models")
+                    add_btn = gr.Button("Add to models")
                 status = gr.Markdown(_status_md(self.runner.status()))
             with gr.Column(scale=5):
                 plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=300,
@@ -687,8 +697,8 @@ class StudioApp:
                 log_box = gr.Textbox(label="Console (tail)", lines=8, max_lines=8, autoscroll=True,
                                      interactive=False)
         timer = gr.Timer(2.0)
-        config.change(lambda c: self.runner.config_text(c) if c else "", config, config_view, queue=False,
-                      api_visibility="private")
+        config.change(lambda c: [self.runner.config_text(c) if c else "", gr.update(label=self._data_label(c))],
+                      config, [config_view, data_dir], queue=False, api_visibility="private")
         start_btn.click(friendly_errors(self.ui_train_start), [config, data_dir, output_dir, max_steps, extra], status,
                         api_visibility="private")
         stop_btn.click(friendly_errors(lambda: _status_md({**self.runner.status(), "note": self.runner.stop()})),

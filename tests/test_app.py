@@ -219,7 +219,7 @@ def test_browser_fill_prompt_enable_unit_generate_and_restore_settings(studio, t
             page.locator("#settings-file input[type=file]").set_input_files(gallery[0]["image"])
             expect(page.locator("#prompt textarea")).to_have_value("a castle at night", timeout=30_000)
             expect(page.locator("#seed input")).to_have_value("77")
-            expect(page.locator("#unit-0-family input")).to_have_value("AGD (guidance distillation)")
+            expect(page.locator("#unit-0-family input")).to_have_value("AGD guidance")
 
             # bad input in the UI: a readable toast, no trace
             page.fill("#prompt textarea", "")

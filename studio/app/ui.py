@@ -327,10 +327,15 @@ class StudioApp:
         return [self.gallery, self.video, self.files, self.info, self.mix_code, self.snippet_code, self.last_mix,
                 self.seed_used]
 
+    @staticmethod
+    def _gallery(res: Any) -> list[tuple[str, str]]:
+        """(png, "seed N") per output: each image's own seed, from its sidecar."""
+        return [(str(p), f"seed {json.loads(s.read_text())['sampling']['seed']}")
+                for p, s in zip(res.images, res.sidecars)]
+
     def _result_updates(self, res: Any) -> list[Any]:
         video = res.videos.get("webm") or res.videos.get("mp4")
-        gallery = [(str(p), f"seed {json.loads(p.with_suffix('.json').read_text())['sampling']['seed']}")
-                   for p in res.images]
+        gallery = self._gallery(res)
         files = [str(p) for pair in zip(res.images, res.sidecars) for p in pair] + [str(p) for p in res.videos.values()]
         return [gallery, gr.update(value=str(video) if video else None, visible=bool(video)), files,
                 f"**Done** · {res.info}", res.mix.to_json(), python_snippet(res.mix, self.engine.models_dir),
@@ -374,9 +379,7 @@ class StudioApp:
         uploads = {Path(p).name: Path(p) for p in (images or [])}
         res = self.engine.generate(mix, uploads, session=_session(request),
                                    progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
-        gallery = [(str(p), f"seed {json.loads(p.with_suffix('.json').read_text())['sampling']['seed']}")
-                   for p in res.images]
-        return gallery, res.mix.to_json()
+        return self._gallery(res), res.mix.to_json()
 
     def api_read_settings(self, file: str | None) -> str:
         if not file:
@@ -392,7 +395,7 @@ class StudioApp:
     def preset_names(self) -> list[str]:
         return sorted(p.stem for p in self.mixes_dir.glob("*.json")) if self.mixes_dir.is_dir() else []
 
-    def save_preset(self, name: str, last: dict | None, v: dict[Any, Any]) -> Any:
+    def save_preset(self, name: str, v: dict[Any, Any]) -> Any:
         name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", (name or "").strip()).strip("-.")
         if not name:
             raise MixError("give the preset a name")
@@ -542,11 +545,11 @@ class StudioApp:
                 self.seed_used = gr.Number(visible=False, precision=0)
                 with gr.Tabs():
                     with gr.Tab("Mix"):
-                        self.mix_code = gr.Code(language="json", label="Mix of the last run", lines=12,
+                        self.mix_code = gr.Code(language="json", label="Mix of the last run", lines=12, max_lines=22,
                                                 interactive=False)
                     with gr.Tab("Python"):
                         self.snippet_code = gr.Code(language="python", label="Reproduce with diffusers + the studio",
-                                                    lines=12, interactive=False)
+                                                    lines=12, max_lines=22, interactive=False)
                     with gr.Tab("Files"):
                         self.files = gr.File(label="PNG + JSON sidecars (+ GIF/MP4 for video)", file_count="multiple",
                                              interactive=False)
@@ -592,8 +595,8 @@ class StudioApp:
         settings_file.upload(friendly_errors(self.load_from_file), settings_file, load_outputs,
                              api_visibility="private")
         load_preset_btn.click(friendly_errors(self.load_preset), presets, load_outputs, api_visibility="private")
-        save_inputs = inputs | {preset_name, self.last_mix}
-        save_preset_btn.click(friendly_errors(lambda v: self.save_preset(v[preset_name], v[self.last_mix], v)),
+        save_inputs = inputs | {preset_name}
+        save_preset_btn.click(friendly_errors(lambda v: self.save_preset(v[preset_name], v)),
                               save_inputs, presets, api_visibility="private")
         self._gen_event = gen_event
 
@@ -831,12 +834,13 @@ _API_HELP = """
 | `/upload_weights` | file, family | name in the models folder |
 | `/families`, `/list_weights`, `/list_presets` | — / family / — | JSON |
 | `/train_start`, `/train_status`, `/train_stop` | config, data_dir, output_dir, max_steps, extra_args | status JSON |
+| `/train_add_to_models` | — | `{"name": ...}` of the finished run's adapter |
 
 ```python
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")
 gallery, mix = client.predict("a red fox", "", 7, 20, 512, 512, "DDIM", "auto", 7.5, 1,
-    '[{"family": "ip", "weights": "ip/ip-adapter_sd15.safetensors", "scale": 0.7, "inputs": {"images": ["ref.png"]}}]',
+    '[{"family": "ip", "weights": "ip/ip-adapter_sd15.safetensors", "scale": 0.7, "inputs": {"image": ["ref.png"]}}]',
     [handle_file("ref.png")], api_name="/generate")
 ```
 Full reference: `docs/app.md`.

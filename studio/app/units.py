@@ -197,7 +197,7 @@ register_unit_ui(UnitUI(
 ))
 
 register_unit_ui(UnitUI(
-    family="agd", label="AGD (guidance distillation)", guidance="agd", model_kinds=("sd15", "sdxl"),
+    family="agd", label="AGD guidance", guidance="agd", model_kinds=("sd15", "sdxl"),
     help="Replaces classifier-free guidance: one UNet pass per step; w is the guidance scale it was distilled for.",
     fields=(
         Field("guidance_scale", "number", "Guidance w", target="guidance", default=5.0, minimum=1.0, maximum=20.0,

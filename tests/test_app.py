@@ -164,6 +164,15 @@ def test_bad_input_gets_a_readable_error_and_the_server_keeps_serving(studio, cl
             _generate(client, n=1, **kwargs)
         msg = str(err.value)
         assert expected in msg and "Traceback" not in msg, msg
+    # a file for another base model copied into the models folder by hand: the family's CheckpointError, readable
+    stray = studio.root / "models" / "ip" / "stray-sdxl.safetensors"
+    stray.write_bytes(Path(studio.names["ip_sdxl_file"]).read_bytes())
+    try:
+        with pytest.raises(AppError, match="another base model"):
+            _generate(client, [{"family": "ip", "weights": "ip/stray-sdxl.safetensors", "inputs": {"image": [0]}}],
+                      images=[studio.ref], n=1)
+    finally:
+        stray.unlink()
     before = sorted(p.name for p in (studio.root / "models").rglob("*"))
     with pytest.raises(AppError, match="another base model"):
         client.predict(handle_file(studio.names["ip_sdxl_file"]), "ip", api_name="/upload_weights")

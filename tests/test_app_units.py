@@ -3,9 +3,6 @@ the UI's form <-> mix mapping, the training runner's process handling."""
 
 from __future__ import annotations
 
-import json
-import sys
-import threading
 import time
 import zipfile
 from pathlib import Path

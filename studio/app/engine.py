@@ -34,7 +34,7 @@ from studio.mix import Mix, UnitSpec, apply_mix, file_sha256
 from studio.presets import load_preset
 
 from .metadata import save_png_with_mix
-from .units import UNIT_UIS, unit_ui
+from .units import unit_ui
 
 log = logging.getLogger("adapter_studio.app")
 
@@ -616,5 +616,4 @@ def _extract_zip(src: Path, dest: Path, max_bytes: int = 8 * 2**30) -> None:
         zf.extractall(dest)
 
 
-__all__ = ["Engine", "GenerationResult", "GenerationCancelled", "InputImageError", "Limits", "SAMPLERS",
-           "UNIT_UIS"]
+__all__ = ["Engine", "GenerationResult", "GenerationCancelled", "InputImageError", "Limits", "SAMPLERS"]

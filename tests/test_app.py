@@ -223,12 +223,16 @@ def test_browser_fill_prompt_enable_unit_generate_and_restore_settings(studio, t
 
             c = Client(studio.url, verbose=False, download_files=str(tmp_path))
             gallery, _ = c.predict("a castle at night", "", 77, 3, W, H, "DDIM", "auto", 7.5, 1,
-                                   json.dumps([{"family": "agd", "weights": studio.names["agd"],
+                                   json.dumps([{"family": "agd", "weights": studio.names["agd"], "scale": 0.6,
                                                 "inputs": {"guidance_scale": 3.5}}]), [], api_name="/generate")
             page.locator("#settings-file input[type=file]").set_input_files(gallery[0]["image"])
             expect(page.locator("#prompt textarea")).to_have_value("a castle at night", timeout=30_000)
             expect(page.locator("#seed input")).to_have_value("77")
             expect(page.locator("#unit-0-family input")).to_have_value("AGD guidance")
+            expect(page.locator("#unit-0-weights input")).to_have_value(studio.names["agd"])
+            page.wait_for_timeout(500)  # no late event (family change) may reset what was loaded
+            expect(page.locator("#unit-0-weights input")).to_have_value(studio.names["agd"])
+            expect(page.locator("#unit-0-weight input[type=number]")).to_have_value("0.6")
 
             # bad input in the UI: a readable toast, no trace
             page.fill("#prompt textarea", "")

@@ -251,11 +251,12 @@ class StudioApp:
             warnings.append(f"the mix has {len(mix.units)} units; the UI shows the first {MAX_UNITS}")
         known = {name for _, name in self.families}
         for i, u in enumerate(self.units):
-            upd[u.tab] = gr.update(visible=i < n)
-            if i >= len(mix.units):
+            if i >= len(mix.units):  # unused units: off (their tab label follows through enabled.change)
+                upd[u.tab] = gr.update(visible=i < n)
                 upd[u.enabled] = False
                 continue
             spec = mix.units[i]
+            upd[u.tab] = gr.update(visible=i < n, label=_tab_label(i, spec.family, spec.enabled))
             if spec.family not in known:
                 warnings.append(f"unit {i + 1}: family {spec.family!r} is not installed here")
                 upd[u.enabled] = False
@@ -425,13 +426,13 @@ class StudioApp:
         return upd
 
     # ---- unit events
-    def on_family(self, u: UnitWidgets, fam: str) -> list[Any]:
+    def on_family(self, u: UnitWidgets, fam: str, enabled: bool) -> list[Any]:
         ui = unit_ui(fam) if fam else None
         ups = [gr.update(visible=f == fam) for f, _ in self._family_names()]
         choices = self.engine.list_weights(fam) if fam else []
         return [*ups, gr.update(choices=choices, value=choices[0] if choices else None),
                 ui.help if ui else "", gr.update(value=ui.default_weight if ui else 1.0),
-                gr.update(label=_tab_label(u.index, fam, True))]
+                gr.update(label=_tab_label(u.index, fam, enabled))]
 
     def on_upload(self, fam: str, file: Any) -> Any:
         if not fam:
@@ -618,7 +619,8 @@ class StudioApp:
                 upload = gr.UploadButton("Upload", file_types=[".safetensors", ".bin", ".pt", ".pth", ".zip"],
                                          scale=0, min_width=90)
             with gr.Row(elem_classes=["tight-row"]):
-                weight = gr.Slider(0.0, 2.0, value=ui0.default_weight if ui0 else 1.0, step=0.05, label="Weight")
+                weight = gr.Slider(0.0, 2.0, value=ui0.default_weight if ui0 else 1.0, step=0.05, label="Weight",
+                                   elem_id=f"unit-{i}-weight")
                 start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Start")
                 end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="End")
             u = UnitWidgets(index=i, tab=tab, enabled=enabled, family=family, weights=weights, refresh=refresh,
@@ -643,8 +645,9 @@ class StudioApp:
                                 (g.default for g in ui.fields if g.key == f.visible_when[0]), None)
                             u.fields[(fam, f.key)] = _field_component(f, visible=shown)
                 u.groups[fam] = grp
-        family.change(friendly_errors(lambda fam, _u=u: self.on_family(_u, fam)), family,
-                      [*u.groups.values(), weights, help_md, weight, tab], queue=False, api_visibility="private")
+        # .input (the user's choice), not .change: loading a mix sets the family and its weights together
+        family.input(friendly_errors(lambda fam, on, _u=u: self.on_family(_u, fam, on)), [family, enabled],
+                     [*u.groups.values(), weights, help_md, weight, tab], queue=False, api_visibility="private")
         enabled.change(lambda on, fam, _i=i: gr.update(label=_tab_label(_i, fam, on)), [enabled, family], tab,
                        queue=False, api_visibility="private")
         refresh.click(lambda fam, cur: gr.update(choices=self.engine.list_weights(fam) if fam else [], value=cur),

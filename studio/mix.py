@@ -159,7 +159,9 @@ def apply_mix(mix: Mix, pipeline: Any, base_dir: str | os.PathLike | None = None
     old = dict(stack.slots)
     stack.clear()
     try:
+        unet = pipeline.pipe.unet
         for name, adapter, unit, inputs in loaded:
+            adapter.to(device=unet.device, dtype=unet.dtype)  # loaders read onto the CPU; the UNet may be on a GPU
             stack.add(adapter, name=name, scale=unit.scale, start=unit.start, end=unit.end, enabled=unit.enabled,
                       **inputs)
     except Exception:

@@ -112,6 +112,11 @@ def test_apply_mix_loads_units_and_keeps_stack_on_error(sd15_pipe, tmp_path):
         mix = Mix(units=[UnitSpec(family="dummy", weights="dummy.pt", scale=0.5, name="d")])
         assert apply_mix(mix, studio, base_dir=tmp_path) == ["d"]
         assert studio.stack["d"].scale == 0.5
+        studio.pipe.unet.to(torch.float64)
+        apply_mix(mix, studio, base_dir=tmp_path)
+        assert studio.stack["d"].adapter.proj[0].weight.dtype == torch.float64, "adapters follow the UNet's dtype"
+        studio.pipe.unet.to(torch.float32)
+        apply_mix(mix, studio, base_dir=tmp_path)
         torch.testing.assert_close(studio.stack["d"].adapter.proj[0].weight, LinearAttnAdapter(sd15_pipe.unet, seed=4).proj[0].weight)
         bad = Mix(units=[UnitSpec(family="dummy", weights="dummy.pt"), UnitSpec(family="no-such-family")])
         with pytest.raises(MixError, match="unknown adapter family 'no-such-family'"):

@@ -516,9 +516,6 @@ class Engine:
             u.weights = str(self.resolve_weights(u.weights))
         with _BUILD_LOCK:
             apply_mix(run_mix, sp)
-        unet = sp.pipe.unet
-        for slot in sp.stack:  # apply_mix leaves adapters where their loader put them (often cpu / fp32)
-            slot.adapter.to(device=unet.device, dtype=unet.dtype)
         cls_name, extra = SAMPLERS[s["sampler"]]
         sp.pipe.scheduler = getattr(diffusers, cls_name).from_config({**w.scheduler_config, **extra})
         steps, n = s["steps"], s["num_images"]

@@ -81,6 +81,17 @@ def test_original_file_matches_diffusers_load_ip_adapter(tmp_path, diffusers_pip
         assert np.abs(_run(studio) - _run(diffusers_pipe, ip_adapter_image=_img(0))).max() < 1e-5
 
 
+def test_sdxl_layer_numbering_matches_diffusers(tmp_path):
+    """SDXL-shaped UNet: two transformer blocks per attention, so the original keys skip through blocks."""
+    dpipe, studio = load_pipeline("tiny-sdxl"), StudioPipeline(load_pipeline("tiny-sdxl"))
+    path = save_original(_random_adapter(dpipe, "plus", seed=11), tmp_path / "xl.safetensors")
+    dpipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    studio.add(load_ip_adapter(path, studio.pipe.unet, studio.pipe.image_encoder), "ip", image=_img(0))
+    ref = _run(dpipe, ip_adapter_image=_img(0), guidance_scale=5.0)
+    assert np.abs(_run(studio, guidance_scale=5.0) - ref).max() < 1e-5
+    assert len(studio.stack["ip"].adapter.layer_names()) == 12
+
+
 def test_two_adapters_several_images_and_embeds_match_diffusers(tmp_path, diffusers_pipe, studio):
     base = save_original(_random_adapter(diffusers_pipe, "base", seed=1), tmp_path / "a.safetensors")
     plus = save_original(_random_adapter(diffusers_pipe, "plus", seed=2), tmp_path / "b.bin")
@@ -206,6 +217,21 @@ def test_mask_confines_the_effect(sd15_pipe, unet_inputs):
         bare = unet(**unet_inputs).sample
     assert torch.equal(empty, bare) and torch.equal(full, unmasked)
     assert not torch.allclose(masked, bare) and not torch.allclose(masked, unmasked)
+
+    # two regions, two references, ONE adapter module in two slots == two separate copies of it
+    import copy
+
+    right = 1.0 - mask
+    e1, e2 = torch.randn(1, 1, 24), torch.randn(1, 1, 24)
+    outs = []
+    for second in (ad, copy.deepcopy(ad)):
+        stack = AdapterStack().attach(unet)
+        stack.add(ad, "left", image_embeds=e1, mask=mask)
+        stack.add(second, "right", image_embeds=e2, mask=right)
+        with torch.no_grad():
+            outs.append(unet(**unet_inputs).sample)
+        stack.detach()
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], masked)
 
 
 def _bad_files(pipe, tmp_path):

@@ -81,15 +81,22 @@ def test_original_file_matches_diffusers_load_ip_adapter(tmp_path, diffusers_pip
         assert np.abs(_run(studio) - _run(diffusers_pipe, ip_adapter_image=_img(0))).max() < 1e-5
 
 
-def test_sdxl_layer_numbering_matches_diffusers(tmp_path):
-    """SDXL-shaped UNet: two transformer blocks per attention, so the original keys skip through blocks."""
-    dpipe, studio = load_pipeline("tiny-sdxl"), StudioPipeline(load_pipeline("tiny-sdxl"))
-    path = save_original(_random_adapter(dpipe, "plus", seed=11), tmp_path / "xl.safetensors")
+@pytest.mark.parametrize("preset,kind", [("tiny-sdxl", "plus"), ("tiny-video", "base")])
+def test_sdxl_numbering_and_video_frames_match_diffusers(tmp_path, preset, kind):
+    """SDXL-shaped UNet: two transformer blocks per attention, so the original keys step through blocks.
+    AnimateDiff UNet: motion modules are skipped in the numbering and the attention batch is samples x frames."""
+    dpipe, studio = load_pipeline(preset), StudioPipeline(load_pipeline(preset))
+    path = save_original(_random_adapter(dpipe, kind, seed=11), tmp_path / "ip.safetensors")
     dpipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
     studio.add(load_ip_adapter(path, studio.pipe.unet, studio.pipe.image_encoder), "ip", image=_img(0))
-    ref = _run(dpipe, ip_adapter_image=_img(0), guidance_scale=5.0)
-    assert np.abs(_run(studio, guidance_scale=5.0) - ref).max() < 1e-5
-    assert len(studio.stack["ip"].adapter.layer_names()) == 12
+    kw = dict(num_inference_steps=2, output_type="np", height=64, width=64, guidance_scale=5.0)
+    if preset == "tiny-video":
+        kw["num_frames"] = 4
+    ref = dpipe("a cat", ip_adapter_image=_img(0), generator=torch.Generator().manual_seed(0), **kw)
+    out = studio("a cat", generator=torch.Generator().manual_seed(0), **kw)
+    key = "frames" if preset == "tiny-video" else "images"
+    assert np.abs(np.asarray(getattr(out, key)) - np.asarray(getattr(ref, key))).max() < 1e-5
+    assert len(studio.stack["ip"].adapter.layer_names()) == {"tiny-sdxl": 12, "tiny-video": 7}[preset]
 
 
 def test_two_adapters_several_images_and_embeds_match_diffusers(tmp_path, diffusers_pipe, studio):

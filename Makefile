@@ -28,7 +28,7 @@ run: install
 	$(PY) app.py --host $(HOST) --port $(PORT) $(ARGS)
 
 test: install browser
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 bench: install
 	$(PY) bench/run_all.py

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -73,10 +75,12 @@ class StudioPipeline:
 
     # ---- call
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, *, guidance: str = "auto", guidance_scale: float = 7.5,
+    def __call__(self, prompt: str | list[str] | None = None, *, guidance: str = "auto", guidance_scale: float | None = None,
                  num_images_per_prompt: int = 1, adapter_inputs: dict[str, dict[str, Any]] | None = None,
                  **kwargs: Any) -> Any:
         mode = self.guidance_mode(guidance)
+        if guidance_scale is None:  # the wrapped pipeline's own default (7.5 for SD1.5, 5.0 for SDXL)
+            guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
         cfg = mode == "cfg" and guidance_scale > 1.0
         adapter_inputs = adapter_inputs or {}
         unknown = set(adapter_inputs) - set(self.stack.slots)

@@ -42,6 +42,8 @@ class ComposingAttnProcessor:
             if gate is None:
                 continue
             contrib = slot.adapter.contribution(self.layer, attn, hidden_states, encoder_hidden_states, slot.state, ctx)
-            gate = ctx.expand(gate, contrib.shape[0]).to(device=contrib.device, dtype=contrib.dtype)
-            out = out + gate.view(-1, *([1] * (contrib.ndim - 1))) * contrib
+            if isinstance(gate, float):  # the same for every sample: one fused kernel
+                out = torch.add(out, contrib, alpha=gate)
+            else:
+                out = out + slot.gate_tensor(gate, contrib, ctx) * contrib
         return out

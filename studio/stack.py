@@ -25,7 +25,8 @@ def layer_scale(scale: Scale, layer: str) -> float:
 
     The dict follows diffusers' `set_ip_adapter_scale` convention (InstantStyle): keys `down`, `mid`, `up`; for
     down/up a float or `{"block_i": float | [float per attention in the block]}`. Layers not named get 0.
-    E.g. style only on SD1.5: `{"up": {"block_0": [0.0, 1.0, 0.0]}}`.
+    E.g. InstantStyle's style-only on SD1.5: `{"up": {"block_1": [0.0, 1.0, 0.0]}}` (SDXL: `block_0`; SD1.5's first
+    up block has no attention).
     """
     if not isinstance(scale, dict):
         return float(scale)
@@ -90,7 +91,9 @@ class Slot:
     # per-call inputs (set by the pipeline from `adapter.begin_call`) and per-forward state, set by the stack
     call_inputs: dict[str, Any] | None = None
     state: Any = None
-    _gate: torch.Tensor | None = None
+    _gate: torch.Tensor | None = None  # [N] on the CPU, this forward's scale-free gate
+    _gate_uniform: float | None = None  # set when every sample has the same gate: one scalar add per layer
+    _gate_on_device: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _layer_scales: dict[str, float] = field(default_factory=dict)
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -114,8 +117,8 @@ class Slot:
         object.__setattr__(self, "start", float(start))
         object.__setattr__(self, "end", float(end))
 
-    def gate_for_layer(self, layer: str) -> torch.Tensor | None:
-        """`[N]` multiplier for this forward and layer, or None when the adapter adds nothing here."""
+    def gate_for_layer(self, layer: str) -> float | torch.Tensor | None:
+        """This forward's multiplier at `layer`: None (adds nothing), a float (same for every sample) or a CPU `[N]`."""
         if self._gate is None:
             return None
         s = self._layer_scales.get(layer)
@@ -123,7 +126,18 @@ class Slot:
             s = self._layer_scales[layer] = layer_scale(self.scale, layer)
         if s == 0.0:
             return None
+        if self._gate_uniform is not None:
+            return self._gate_uniform * s
         return self._gate * s
+
+    def gate_tensor(self, gate: torch.Tensor, like: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """A per-sample gate as `[n, 1, ...]` on `like`'s device and dtype, copied there once per forward."""
+        key = (tuple(gate.tolist()), like.shape[0], like.device, like.dtype, like.ndim)
+        out = self._gate_on_device.get(key)
+        if out is None:
+            out = ctx.expand(gate, like.shape[0]).to(device=like.device, dtype=like.dtype)
+            out = self._gate_on_device[key] = out.view(-1, *([1] * (like.ndim - 1)))
+        return out
 
 
 class AdapterStack:
@@ -143,6 +157,7 @@ class AdapterStack:
         self._original: dict[str, Any] | None = None
         self._hook: Any = None
         self._by_layer: dict[str, list[Slot]] = {}
+        self._timesteps_cache: tuple[Any, torch.Tensor | None] = (None, None)
 
     # ---- attach / detach
     def attach(self, unet: nn.Module) -> "AdapterStack":
@@ -247,7 +262,9 @@ class AdapterStack:
     def _progress(self, t: torch.Tensor) -> torch.Tensor:
         sched = self._scheduler
         if sched is not None and getattr(sched, "timesteps", None) is not None and len(sched.timesteps):
-            ts = sched.timesteps.to(t.device, torch.float64)
+            if self._timesteps_cache[0] is not sched.timesteps:  # one copy to the CPU per sampling run
+                self._timesteps_cache = (sched.timesteps, sched.timesteps.detach().to("cpu", torch.float64))
+            ts = self._timesteps_cache[1]
             dist = (ts[None, :] - t.double()[:, None]).abs()
             best, idx = dist.min(dim=1)
             if bool((best < 1e-3).all()):
@@ -261,7 +278,7 @@ class AdapterStack:
         active = (progress >= slot.start) & ((progress < slot.end) | (slot.end >= 1.0))
         gate = active.to(torch.float32)
         if slot.sample_mask is not None:
-            m = torch.as_tensor(slot.sample_mask, dtype=torch.float32, device=progress.device).flatten()
+            m = torch.as_tensor(slot.sample_mask, dtype=torch.float32).detach().cpu().flatten()
             if self.cfg and m.numel() * 2 == n:
                 m = torch.cat([m, m])
             if m.numel() != n:
@@ -276,17 +293,26 @@ class AdapterStack:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         n = sample.shape[0]
+        if not self.slots:
+            self.context = None
+            return args, kwargs
         t = torch.as_tensor(timestep, device=sample.device).flatten().to(torch.float32)
         if t.numel() == 1:
             t = t.expand(n)
+        # gates are decided on the CPU (one small copy per forward) so no slot or layer waits on the GPU
+        t_cpu = t.detach().cpu()
         ctx = ForwardContext(batch_size=n, cfg=self.cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
-        ctx.progress = self._progress(t)
+        ctx.progress = self._progress(t_cpu)
         self.context = ctx
         down_res: list[torch.Tensor] | None = None
         mid_res: torch.Tensor | None = None
         for slot in self.slots.values():
             slot._gate = self._gate(slot, ctx.progress, n)
+            slot._gate_on_device = {}
+            slot._gate_uniform = None
+            if slot._gate is not None and bool((slot._gate == slot._gate[0]).all()):
+                slot._gate_uniform = float(slot._gate[0])
             slot.state = None
             if slot._gate is None:
                 continue
@@ -297,10 +323,10 @@ class AdapterStack:
             ehs = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
             down, mid = slot.adapter.residuals(inputs, ctx, sample, t, ehs)
             g = slot._gate * float(slot.scale if not isinstance(slot.scale, dict) else 1.0)
-            down = [ctx.expand(g, d.shape[0]).view(-1, *[1] * (d.ndim - 1)).to(d.dtype) * d for d in down]
+            down = [slot.gate_tensor(g, d, ctx) * d for d in down]
             down_res = down if down_res is None else [a + b for a, b in zip(down_res, down)]
             if mid is not None:
-                mid = ctx.expand(g, mid.shape[0]).view(-1, *[1] * (mid.ndim - 1)).to(mid.dtype) * mid
+                mid = slot.gate_tensor(g, mid, ctx) * mid
                 mid_res = mid if mid_res is None else mid_res + mid
         if down_res is not None or mid_res is not None:
             kwargs = dict(kwargs)

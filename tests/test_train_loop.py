@@ -75,8 +75,10 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 def test_config_parsing_and_errors(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("max_steps: 7\nlearning_rate: 2.0e-4\n")
-    cfg = parse_config(TrainConfig, ["--config", str(y), "--learning_rate", "3e-4", "--gradient_checkpointing", "true"])
+    cfg = parse_config(TrainConfig, ["--config", str(y), "--learning_rate", "3e-4", "--gradient_checkpointing", "true",
+                                     "--mixed_precision", "no", "--checkpoints_total_limit", "none"])
     assert cfg.max_steps == 7 and cfg.learning_rate == 3e-4 and cfg.gradient_checkpointing is True
+    assert cfg.mixed_precision == "no" and cfg.checkpoints_total_limit is None
     y.write_text("max_stepz: 7\n")
     with pytest.raises(ConfigError, match="unknown config keys.*max_stepz.*valid keys"):
         parse_config(TrainConfig, ["--config", str(y)])

@@ -98,6 +98,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value  # lists / dicts: taken as YAML gives them
 
 
+def _is_str_field(tp: Any) -> bool:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return args == [str]
+
+
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -128,8 +133,13 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(loaded).__name__}")
         values.update(loaded)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         raw = getattr(args, f.name)
-        if raw is not None:
+        if raw is None:
+            continue
+        if _is_str_field(hints[f.name]) and raw.lower() not in ("none", "null"):
+            values[f.name] = raw  # YAML would turn `--mixed_precision no` into False
+        else:
             values[f.name] = yaml.safe_load(raw) if raw.strip() else raw
     return config_from_dict(cls, values)

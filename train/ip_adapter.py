@@ -376,12 +376,6 @@ class IPAdapterTask(TrainingTask):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import os
-
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # `accelerate launch --multi_gpu` on a machine without CUDA: accelerate only forms the gloo process group
-        # when told to run on the CPU; without this each process would train alone, writing the same files
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     cfg = parse_config(IPAdapterTrainConfig, argv)
     return train(cfg, IPAdapterTask)
 

@@ -120,7 +120,11 @@ def _make_accelerator(cfg: TrainConfig):
             log_with = None
     elif cfg.report_to not in ("none", "", None):
         log_with = cfg.report_to
+    # `accelerate launch --multi_gpu` on a machine without CUDA: accelerate forms the gloo process group only when
+    # told to run on the CPU; without this each process would train alone and write the same files.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,

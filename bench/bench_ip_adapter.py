@@ -90,7 +90,7 @@ def bench_unet(args: argparse.Namespace) -> str:
     cfg = unet.config
     embed_dim = {"tiny": 24, "mid": 256, "sd15": 1024}[args.size]
     torch.manual_seed(1)
-    adapter = IPAdapter.for_unet(unet, embed_dim, projection=args.projection,
+    adapter = IPAdapter.from_unet(unet, embed_dim, projection=args.projection,
                                  **({"resampler_dim": cfg.cross_attention_dim} if args.projection == "plus" else {}))
     with torch.no_grad():
         for p in adapter.image_proj.parameters():
@@ -231,7 +231,7 @@ def worker_reference(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     pipe = studio.presets.load_pipeline(args.preset)
     unet, vae, text_encoder, image_encoder = pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder
-    ad = IPAdapter.for_unet(unet, image_encoder.config.projection_dim)
+    ad = IPAdapter.from_unet(unet, image_encoder.config.projection_dim)
     unet._load_ip_adapter_weights([original_state_dict(ad)], low_cpu_mem_usage=False)
     for m in (unet, vae, text_encoder, image_encoder):
         m.requires_grad_(False).to(dev)

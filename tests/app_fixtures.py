@@ -29,13 +29,13 @@ def make_models_dir(root: Path) -> dict[str, str]:
     (root / "ip").mkdir(parents=True, exist_ok=True)
     (root / "agd").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    ip = IPAdapter.for_unet(pipe.unet, pipe.image_encoder.config.projection_dim, projection="base",
+    ip = IPAdapter.from_unet(pipe.unet, pipe.image_encoder.config.projection_dim, projection="base",
                             init_from_unet=False)
     save_original(_randomize(ip, 1, 0.2), root / "ip" / "tiny-ip.safetensors")
     agd = AGDAdapter.from_unet(pipe.unet, hidden_dim=16)
     _randomize(agd, 2, 0.2).save_pretrained(root / "agd" / "tiny-agd")
     xl = load_pipeline("tiny-sdxl")
-    ip_xl = IPAdapter.for_unet(xl.unet, xl.image_encoder.config.projection_dim if xl.image_encoder is not None else 24,
+    ip_xl = IPAdapter.from_unet(xl.unet, xl.image_encoder.config.projection_dim if xl.image_encoder is not None else 24,
                                projection="base", init_from_unet=False)
     other = root.parent / "other-base"
     other.mkdir(exist_ok=True)

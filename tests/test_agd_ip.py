@@ -22,7 +22,7 @@ def test_agd_and_ip_adapter_compose_in_one_pass_per_step():
     sp = StudioPipeline.from_preset("tiny-sd15")
     pipe = sp.pipe
     torch.manual_seed(0)
-    ip = IPAdapter.for_unet(pipe.unet, pipe.image_encoder.config.projection_dim, projection="base",
+    ip = IPAdapter.from_unet(pipe.unet, pipe.image_encoder.config.projection_dim, projection="base",
                             init_from_unet=False)
     with torch.no_grad():
         for p in ip.parameters():

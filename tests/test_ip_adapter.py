@@ -26,7 +26,7 @@ def _embed_dim(pipe, kind):
 def _random_adapter(pipe, kind="base", seed=0, std=0.2):
     """An IP-Adapter with random weights for the tiny UNet (random, so every weight shows in the output)."""
     torch.manual_seed(seed)
-    ad = IPAdapter.for_unet(pipe.unet, _embed_dim(pipe, kind), projection=kind, init_from_unet=False)
+    ad = IPAdapter.from_unet(pipe.unet, _embed_dim(pipe, kind), projection=kind, init_from_unet=False)
     with torch.no_grad():
         for p in ad.parameters():
             p.normal_(0.0, std)
@@ -243,8 +243,8 @@ def test_mask_confines_the_effect(sd15_pipe, unet_inputs):
 
 def _bad_files(pipe, tmp_path):
     """Files made for another base model / encoder / architecture, in the original format."""
-    names = IPAdapter.for_unet(pipe.unet, 24).config.layer_names
-    hidden = list(IPAdapter.for_unet(pipe.unet, 24).config.hidden_sizes)
+    names = IPAdapter.from_unet(pipe.unet, 24).config.layer_names
+    hidden = list(IPAdapter.from_unet(pipe.unet, 24).config.hidden_sizes)
     files = {}
     other_cad = IPAdapter(projection="base", image_embed_dim=24, cross_attention_dim=48, layer_names=names,
                           hidden_sizes=hidden)
@@ -255,7 +255,7 @@ def _bad_files(pipe, tmp_path):
     torch.save(fewer, tmp_path / "layers.bin")
     files["layers"] = (tmp_path / "layers.bin", "6 cross-attention layers \\(keys 1..11\\), this UNet has 7 "
                                                 "\\(expected keys 1..13\\)")
-    other_enc = IPAdapter.for_unet(pipe.unet, 16)
+    other_enc = IPAdapter.from_unet(pipe.unet, 16)
     files["embed"] = (save_original(other_enc, tmp_path / "embed.safetensors"),
                       "image embeddings of size 16.*projection_dim \\(image_embeds\\) 24")
     wide = original_state_dict(_random_adapter(pipe, "base"))
@@ -285,7 +285,7 @@ def test_wrong_shape_checkpoints_get_clear_errors_and_leave_the_unet_alone(tmp_p
     from studio.presets import load_pipeline as lp
     xl = lp("tiny-sdxl")
     with pytest.raises(IncompatibleAdapterError, match="cross_attention_dim"):
-        studio.add(IPAdapter.for_unet(xl.unet, 24), "other")
+        studio.add(IPAdapter.from_unet(xl.unet, 24), "other")
     assert list(studio.stack.slots) == ["ip"]
     assert dict(studio.pipe.unet.attn_processors) == procs
     assert all(torch.equal(v, studio.pipe.unet.state_dict()[k]) for k, v in unet_state.items())

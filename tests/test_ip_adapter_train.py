@@ -136,7 +136,7 @@ def test_two_process_run_killed_and_resumed_writes_a_loadable_adapter(data, tmp_
     # the output loads straight into the studio pipeline and into diffusers' own loader
     pipe = load_pipeline("tiny-sd15")
     trained = get_family("ip").load(str(out / "final"), pipe)
-    init = IPAdapter.for_unet(pipe.unet, pipe.image_encoder.config.projection_dim)
+    init = IPAdapter.from_unet(pipe.unet, pipe.image_encoder.config.projection_dim)
     assert not torch.equal(trained.image_proj.proj.weight, init.image_proj.proj.weight)
     same = load_ip_adapter(out / "checkpoint-24" / "adapter" / "ip_adapter.safetensors", pipe.unet)
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in trained.state_dict().items())

@@ -275,7 +275,7 @@ class IPAdapterTask(TrainingTask):
                 raise ConfigError(f"init_weights is a {adapter.config.projection} IP-Adapter, the config asks for "
                                   f"{cfg.projection}")
         else:
-            adapter = IPAdapter.for_unet(pipe.unet, embed_dim, projection=cfg.projection,
+            adapter = IPAdapter.from_unet(pipe.unet, embed_dim, projection=cfg.projection,
                                          num_tokens=cfg.num_tokens or None)
         adapter.float().train()
         device = acc.device if acc is not None else torch.device("cpu")

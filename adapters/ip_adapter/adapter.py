@@ -123,7 +123,7 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
 
     # ---- construction
     @classmethod
-    def for_unet(cls, unet: nn.Module, image_embed_dim: int, projection: str = "base", num_tokens: int | None = None,
+    def from_unet(cls, unet: nn.Module, image_embed_dim: int, projection: str = "base", num_tokens: int | None = None,
                  init_from_unet: bool = True, **resampler: Any) -> "IPAdapter":
         """A new IP-Adapter shaped for `unet`; `to_k_ip`/`to_v_ip` start as copies of each layer's `to_k`/`to_v`
         (the paper's initialisation) unless `init_from_unet=False`."""

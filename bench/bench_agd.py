@@ -70,26 +70,31 @@ def part_speed(args, pipe, rows: list) -> None:
 
     def call(mode: str):
         slot.enabled = mode == "agd"
-        return sp(prompts, guidance=mode, guidance_scale=7.5, num_inference_steps=args.steps, height=h, width=h,
+        # "cond": one plain pass per step, no adapter (guidance off): the floor AGD's ratio can reach
+        return sp(prompts, guidance="cfg" if mode == "cond" else mode, guidance_scale=1.0 if mode == "cond" else 7.5,
+                  num_inference_steps=args.steps, height=h, width=h,
                   generator=torch.Generator(args.device).manual_seed(0),
                   output_type="pil" if args.decode else "latent")
 
-    times: dict[str, list[float]] = {"cfg": [], "agd": []}
-    for mode in ("cfg", "agd"):
+    modes = ("cfg", "agd", "cond")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for mode in modes:
         call(mode)  # warm-up
     for _ in range(args.repeats):
-        for mode in ("cfg", "agd"):
+        for mode in modes:
             sync(args.device)
             t = time.perf_counter()
             call(mode)
             sync(args.device)
             times[mode].append(time.perf_counter() - t)
-    cfg_t, agd_t = statistics.median(times["cfg"]), statistics.median(times["agd"])
+    cfg_t, agd_t, cond_t = (statistics.median(times[m]) for m in modes)
     params = sum(p.numel() for p in slot.adapter.parameters())
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     rows.append(["CFG (2 passes/step)", f"{args.steps}", f"{cfg_t:.3f}", f"{cfg_t / args.steps * 1000:.1f}", "1.00", "-"])
     rows.append(["AGD (1 pass/step)", f"{args.steps}", f"{agd_t:.3f}", f"{agd_t / args.steps * 1000:.1f}",
                  f"{agd_t / cfg_t:.3f}", f"{params:,} ({100 * params / unet_params:.1f}% of the UNet)"])
+    rows.append(["no guidance, no adapter (1 pass/step)", f"{args.steps}", f"{cond_t:.3f}",
+                 f"{cond_t / args.steps * 1000:.1f}", f"{cond_t / cfg_t:.3f}", "- (AGD's floor)"])
     slot.enabled = True
     sp.remove("agd")
     sp.stack.detach()

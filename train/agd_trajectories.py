@@ -52,7 +52,7 @@ SHARD_HEADER_ALLOWANCE = 8192  # bytes: safetensors JSON header + metadata, gene
 class TrajectoryConfig:
     """How to sample teacher trajectories (also used by streaming training)."""
 
-    output_dir: str = "data/agd_trajectories"
+    output_dir: str = "runs/agd_trajectories"
     model: str = "tiny-sd15"
     prompts: list[str] = field(default_factory=list)
     prompt_file: str | None = None

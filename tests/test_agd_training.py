@@ -199,3 +199,24 @@ def test_trained_agd_is_closer_to_the_cfg_target_than_the_conditional_prediction
     mse_agd, mse_cond = fidelity_ratio(tmp_path, teacher)
     print(f"held-out MSE to eps_cfg: AGD {mse_agd:.5f}, conditional only {mse_cond:.5f}, ratio {mse_agd / mse_cond:.3f}")
     assert mse_agd < 0.85 * mse_cond
+
+
+def test_sdxl_trajectories_carry_the_added_conditioning_and_train_the_student(tmp_path):
+    xl = load_pipeline("tiny-sdxl")
+    cfg = _traj_cfg(tmp_path / "xl", model="tiny-sdxl", num_per_prompt=1, num_inference_steps=3, every_k=1)
+    generate_to_disk(cfg, pipe=xl, log=lambda *a: None)
+    ds = TrajectoryDataset(cfg.output_dir)
+    item = ds[0]
+    assert item["prompt_embeds"].shape == (77, 64) and item["text_embeds"].shape == (32,)
+    assert item["time_ids"].tolist() == [128.0, 128.0, 0.0, 0.0, 128.0, 128.0]
+    student = AGDStudent(xl.unet, AGDAdapter.from_unet(xl.unet, hidden_dim=16))
+    batch = _batch(ds)
+    with torch.no_grad():
+        student.slot.enabled = False
+        plain = student.predict(batch)
+        student.slot.enabled = True
+        assert torch.equal(student.predict(batch), plain), "zero at init on SDXL too"
+    loss = student(batch)
+    loss.backward()
+    assert student.adapter.blocks[0].out_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in xl.unet.parameters())

@@ -73,7 +73,7 @@ class AGDStudent(nn.Module):
 
     def __init__(self, unet: nn.Module, adapter: AGDAdapter):
         super().__init__()
-        self.unet, self.adapter = unet, adapter
+        self.unet, self.adapter = unet.requires_grad_(False), adapter  # the base stays frozen
         self.stack = AdapterStack().attach(unet)
         self.slot = self.stack.add(adapter, name=SLOT)
 

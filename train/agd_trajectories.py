@@ -224,12 +224,12 @@ class CFGRecorder:
 
 
 @torch.no_grad()
-def sample_trajectories(pipe: Any, cfg: TrajectoryConfig, start: int = 0,
+def sample_trajectories(pipe: Any, cfg: TrajectoryConfig,
                         calls: list[tuple[str, float, int]] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Run CFG sampling for each planned `(prompt, w, seed)` from call `start`; yields one trajectory per sample."""
+    """Run CFG sampling for each `(prompt, w, seed)` (default: `cfg.plan()`); yields one trajectory per sample."""
     h, w_ = _hw(pipe, cfg)
     device = pipe.unet.device
-    for prompt, w, seed in (calls if calls is not None else cfg.plan())[start:]:
+    for prompt, w, seed in (calls if calls is not None else cfg.plan()):
         rec = CFGRecorder(w, cfg.num_per_prompt, cfg.every_k)
         handle = pipe.unet.register_forward_hook(rec, with_kwargs=True)
         try:
@@ -248,8 +248,8 @@ def sample_trajectories(pipe: Any, cfg: TrajectoryConfig, start: int = 0,
 class ShardWriter:
     """Collects trajectories and writes a safetensors shard every `per_shard` of them (temp file + rename)."""
 
-    def __init__(self, folder: Path, per_shard: int, layout: Layout, meta: dict[str, Any], max_bytes: int):
-        self.folder, self.per_shard, self.layout, self.max_bytes = folder, per_shard, layout, max_bytes
+    def __init__(self, folder: Path, per_shard: int, meta: dict[str, Any], max_bytes: int):
+        self.folder, self.per_shard, self.max_bytes = folder, per_shard, max_bytes
         self.pending: list[dict[str, torch.Tensor]] = []
         self.shards: list[dict[str, Any]] = []
         self.meta = meta
@@ -341,7 +341,7 @@ def generate_to_disk(cfg: TrajectoryConfig, pipe: Any | None = None, log: Any = 
             "estimated_bytes": plan["estimated_bytes"], "added_cond": layout.text_embeds is not None,
             "scheduler": type(pipe.scheduler).__name__, "config": asdict(cfg),
             "prompts": [p for p, _, _ in cfg.plan() for _ in range(cfg.num_per_prompt)]}
-    writer = ShardWriter(out, cfg.trajectories_per_shard, layout, meta, plan["max_bytes"])
+    writer = ShardWriter(out, cfg.trajectories_per_shard, meta, plan["max_bytes"])
     t0 = time.time()
     for i, traj in enumerate(sample_trajectories(pipe, cfg)):
         writer.add(traj)

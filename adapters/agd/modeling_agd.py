@@ -218,6 +218,3 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         if t.numel() != n:
             raise StudioError(f"AGD guidance_scale has {t.numel()} values for a batch of {n} samples; give one or {n}")
         return t
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -7,11 +7,11 @@ local diffusers folder. Any hub id or local folder can also be given directly in
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -97,8 +97,12 @@ def _guess_kind(folder: Path) -> str:
 # tiny components
 
 
-def _seeded(seed: int):
-    return torch.random.fork_rng(devices=[])
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Build under `seed` without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _tiny_clip_text(cfg: dict[str, Any], with_projection: bool, seed: int):
@@ -110,7 +114,6 @@ def _tiny_clip_text(cfg: dict[str, Any], with_projection: bool, seed: int):
     conf = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **cfg)
     with _seeded(seed):
-        torch.manual_seed(seed)
         model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(conf)
     return model.eval(), tok
 
@@ -120,8 +123,7 @@ def build_tiny_image_encoder(cfg: dict[str, Any], seed: int = 0):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     conf = CLIPVisionConfig(**cfg)
-    with _seeded(seed):
-        torch.manual_seed(seed + 3)
+    with _seeded(seed + 3):
         enc = CLIPVisionModelWithProjection(conf).eval()
     size = conf.image_size
     proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
@@ -133,15 +135,13 @@ def build_tiny_unet(cfg: dict[str, Any], seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     with _seeded(seed):
-        torch.manual_seed(seed)
         return UNet2DConditionModel(**cfg).eval()
 
 
 def build_tiny_vae(cfg: dict[str, Any], seed: int = 0):
     from diffusers import AutoencoderKL
 
-    with _seeded(seed):
-        torch.manual_seed(seed + 1)
+    with _seeded(seed + 1):
         return AutoencoderKL(**cfg).eval()
 
 
@@ -163,8 +163,7 @@ def build_tiny_components(preset: ModelPreset) -> dict[str, Any]:
         from diffusers import MotionAdapter, UNetMotionModel
 
         base = build_tiny_components(load_preset(cfg.get("base", "tiny-sd15")))
-        with _seeded(seed):
-            torch.manual_seed(seed + 7)
+        with _seeded(seed + 7):
             motion_adapter = MotionAdapter(**cfg["motion_adapter"]).eval()
         base["unet"] = UNetMotionModel.from_unet2d(base["unet"], motion_adapter).eval()
         base["motion_adapter"] = motion_adapter
@@ -173,8 +172,7 @@ def build_tiny_components(preset: ModelPreset) -> dict[str, Any]:
         from diffusers import ControlNetModel
 
         base = build_tiny_components(load_preset(cfg.get("base", "tiny-sd15")))
-        with _seeded(seed):
-            torch.manual_seed(seed + 11)
+        with _seeded(seed + 11):
             cn = ControlNetModel.from_unet(
                 base["unet"], conditioning_embedding_out_channels=tuple(cfg["conditioning_embedding_out_channels"]))
         return {"controlnet": cn.eval()}
@@ -257,16 +255,3 @@ def _load_pretrained(cls, preset: ModelPreset, torch_dtype):
             f"could not load {cfg['pretrained']!r} for preset {preset.name!r}: {e}. Give a local diffusers folder "
             "(model_index.json + component folders) or a hub id reachable from this machine"
         ) from e
-
-
-def preset_for_pipeline(pipe) -> ModelPreset | None:
-    """The preset a pipeline was built from (None for pipelines made outside the studio)."""
-    return getattr(pipe, "studio_preset", None)
-
-
-def deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (used for config overrides)."""
-    out = copy.deepcopy(base)
-    for k, v in upd.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

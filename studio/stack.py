@@ -100,20 +100,19 @@ class Slot:
         if key == "scale":
             validate_scale(value)
             object.__setattr__(self, "_layer_scales", {})
-        elif key in ("start", "end") and hasattr(self, "start") and hasattr(self, "end"):
-            lo, hi = (value, self.end) if key == "start" else (self.start, value)
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {lo}..{hi}")
+        elif key == "start":  # the class defaults make both ends readable from the first assignment on
+            self._check_window(value, self.end)
+        elif key == "end":
+            self._check_window(self.start, value)
         object.__setattr__(self, key, value)
 
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.start <= self.end <= 1.0):
-            raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {self.start}..{self.end}")
+    def _check_window(self, start: float, end: float) -> None:
+        if not 0.0 <= start <= end <= 1.0:
+            raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {start}..{end}")
 
     def set_window(self, start: float, end: float) -> None:
         """Set both ends of the step window at once (checked together)."""
-        if not 0.0 <= start <= end <= 1.0:
-            raise StudioError(f"adapter {self.name!r}: window must satisfy 0 <= start <= end <= 1, got {start}..{end}")
+        self._check_window(start, end)
         object.__setattr__(self, "start", float(start))
         object.__setattr__(self, "end", float(end))
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-import inspect
-
 import torch
-from torch import nn
 
-from studio.context import CallInfo
-from studio.errors import StudioError
-from studio.stack import AdapterStack, Scale, Slot
+from adapter_studio.adapter import StudioAdapter
+from adapter_studio.block_scale import Scale
+from adapter_studio.context import CallInfo
+from adapter_studio.errors import StudioError
+from adapter_studio.samplers import make_scheduler
+from adapter_studio.stack import AdapterStack, Slot
 
 
 class StudioPipeline:
@@ -19,10 +20,13 @@ class StudioPipeline:
 
     The call takes the usual diffusers arguments and returns the usual outputs. On top:
 
-    * `guidance`: "cfg" (two UNet passes per step, scale `guidance_scale`), "agd" (one pass per step, the AGD
-      adapter gets `guidance_scale` as its w) or "auto" (agd when an enabled AGD adapter is in the stack).
+    * `guidance`: "cfg" (two UNet passes per step, scale `guidance_scale`), the guidance mode of an enabled
+      adapter that replaces CFG (AGD: "agd", one pass per step, the adapter gets `guidance_scale` as its w), or
+      "auto" (that adapter's mode when one is enabled, else cfg).
     * `adapter_inputs={slot_name: {...}}`: per-call inputs for adapters (reference images, masks, ...) that
       override the inputs stored in the slot; the key `sample_mask` switches an adapter per sample.
+    * adapters that pin latents (`StudioAdapter.latents_after_step`) see the latents after every scheduler step,
+      through diffusers' `callback_on_step_end` (a callback you pass runs after them).
     """
 
     def __init__(self, pipe: Any, stack: AdapterStack | None = None):
@@ -37,18 +41,18 @@ class StudioPipeline:
     @classmethod
     def from_preset(cls, model: str = "tiny-sd15", torch_dtype: torch.dtype | None = None, **overrides: Any) -> "StudioPipeline":
         """Build the diffusers pipeline of a preset / hub id / local folder and wrap it."""
-        from studio.presets import load_pipeline
+        from adapter_studio.presets import load_pipeline
 
         return cls(load_pipeline(model, torch_dtype=torch_dtype, **overrides))
 
     # ---- adapters
-    def add(self, adapter: nn.Module, name: str | None = None, scale: Scale = 1.0, start: float = 0.0,
+    def add(self, adapter: StudioAdapter, name: str | None = None, scale: Scale = 1.0, start: float = 0.0,
             end: float = 1.0, **inputs: Any) -> Slot:
         """Attach an adapter to the UNet (moved to the UNet's device and dtype); see `AdapterStack.add`."""
         adapter.to(device=self.pipe.unet.device, dtype=self.pipe.unet.dtype)
         return self.stack.add(adapter, name=name, scale=scale, start=start, end=end, **inputs)
 
-    def remove(self, name: str) -> nn.Module:
+    def remove(self, name: str) -> StudioAdapter:
         return self.stack.remove(name)
 
     def to(self, *args: Any, **kwargs: Any) -> "StudioPipeline":
@@ -61,16 +65,27 @@ class StudioPipeline:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
+    def set_sampler(self, name: str) -> None:
+        """Use sampler `name` (`adapter_studio.samplers.SAMPLERS`), built from the model's scheduler config."""
+        self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
+
     def guidance_mode(self, guidance: str = "auto") -> str:
-        agd = [s for s in self.stack if s.enabled and getattr(s.adapter, "family", "") == "agd"]
+        """The guidance the call runs: "cfg" or the mode of the enabled adapter that replaces CFG."""
+        modes = {s.adapter.guidance_mode: s.name for s in self.stack if s.enabled and s.adapter.guidance_mode}
+        if len(modes) > 1 or sum(bool(s.enabled and s.adapter.guidance_mode) for s in self.stack) > 1:
+            names = [s.name for s in self.stack if s.enabled and s.adapter.guidance_mode]
+            raise StudioError(f"adapters {names} each replace classifier-free guidance; enable one of them")
         if guidance == "auto":
-            return "agd" if agd else "cfg"
-        if guidance == "agd" and not agd:
-            raise StudioError("guidance='agd' needs an enabled AGD adapter in the stack; add one or use guidance='cfg'")
-        if guidance == "cfg" and agd:
-            raise StudioError("an AGD adapter replaces classifier-free guidance: use guidance='agd' or disable the AGD unit")
-        if guidance not in ("cfg", "agd"):
-            raise StudioError(f"guidance must be 'cfg', 'agd' or 'auto', got {guidance!r}")
+            return next(iter(modes), "cfg")
+        if guidance == "cfg":
+            if modes:
+                mode, name = next(iter(modes.items()))
+                raise StudioError(f"adapter {name!r} replaces classifier-free guidance: use guidance={mode!r} or "
+                                  f"disable it")
+            return "cfg"
+        if guidance not in modes:
+            raise StudioError(f"guidance={guidance!r} needs an enabled adapter providing it (enabled: "
+                              f"{sorted(modes) or 'none'}); add one or use guidance='cfg'")
         return guidance
 
     # ---- call
@@ -78,9 +93,16 @@ class StudioPipeline:
     def __call__(self, prompt: str | list[str] | None = None, *, guidance: str = "auto", guidance_scale: float | None = None,
                  num_images_per_prompt: int = 1, adapter_inputs: dict[str, dict[str, Any]] | None = None,
                  **kwargs: Any) -> Any:
+        """Call the wrapped pipeline with the stack acting; takes the wrapped pipeline's arguments.
+
+        `num_images_per_prompt` is the batch per prompt for every pipeline (`num_videos_per_prompt` is the same):
+        diffusers' AnimateDiff pipeline ignores its own per-prompt count, so there each prompt is repeated instead,
+        in diffusers' order (p0, p0, p1, p1).
+        """
         mode = self.guidance_mode(guidance)
+        params = inspect.signature(self.pipe.__call__).parameters
         if guidance_scale is None:  # the wrapped pipeline's own default (7.5 for SD1.5, 5.0 for SDXL)
-            guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
+            guidance_scale = params["guidance_scale"].default
         cfg = mode == "cfg" and guidance_scale > 1.0
         adapter_inputs = adapter_inputs or {}
         unknown = set(adapter_inputs) - set(self.stack.slots)
@@ -92,10 +114,21 @@ class StudioPipeline:
             n_prompts = kwargs["prompt_embeds"].shape[0]
         else:
             raise StudioError("give a prompt or prompt_embeds")
-        call = CallInfo(pipe=self.pipe, batch_size=n_prompts * num_images_per_prompt,
-                        num_images_per_prompt=num_images_per_prompt, cfg=cfg, guidance_scale=float(guidance_scale),
-                        device=self.pipe.unet.device, dtype=self.pipe.unet.dtype,
-                        num_frames=int(kwargs.get("num_frames", 1)))
+        per_prompt = int(kwargs.pop("num_videos_per_prompt", num_images_per_prompt))
+        if "num_images_per_prompt" in params:
+            kwargs["num_images_per_prompt"] = per_prompt
+        elif per_prompt > 1:  # AnimateDiffPipeline sets num_videos_per_prompt = 1 whatever it is given
+            prompt, kwargs = _repeat_prompts(prompt, kwargs, per_prompt)
+        user_callback = kwargs.get("callback_on_step_end")
+        if getattr(user_callback, "tensor_inputs", None):  # diffusers' PipelineCallback objects name their tensors
+            kwargs.setdefault("callback_on_step_end_tensor_inputs", list(user_callback.tensor_inputs))
+        if "latents" not in kwargs.setdefault("callback_on_step_end_tensor_inputs", ["latents"]):
+            kwargs["callback_on_step_end_tensor_inputs"] = [*kwargs["callback_on_step_end_tensor_inputs"], "latents"]
+        kwargs["callback_on_step_end"] = self._step_end_callback(user_callback)
+        call = CallInfo(pipe=self.pipe, batch_size=n_prompts * per_prompt, num_images_per_prompt=per_prompt, cfg=cfg,
+                        guidance_scale=float(guidance_scale), device=self.pipe.unet.device, dtype=self.pipe.unet.dtype,
+                        num_frames=int(kwargs.get("num_frames", params["num_frames"].default
+                                                  if "num_frames" in params else 1)))
         masks = {}
         try:
             for slot in self.stack:
@@ -106,11 +139,41 @@ class StudioPipeline:
                 if slot.enabled:
                     slot.call_inputs = slot.adapter.begin_call({**slot.inputs, **extra}, call)
             with self.stack.sampling(self.pipe.scheduler, cfg=cfg):
-                return self.pipe(prompt=prompt, guidance_scale=guidance_scale if cfg else 1.0,
-                                 num_images_per_prompt=num_images_per_prompt, **kwargs)
+                return self.pipe(prompt=prompt, guidance_scale=guidance_scale if cfg else 1.0, **kwargs)
         finally:
             for slot in self.stack:
                 slot.call_inputs = None
                 slot.state = None
                 if slot.name in masks:
                     slot.sample_mask = masks[slot.name]
+
+    def _step_end_callback(self, user_callback: Any) -> Any:
+        """diffusers' `callback_on_step_end`: the stack's latent pinning, then the caller's callback (if any)."""
+        stack = self.stack
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if "latents" in callback_kwargs:
+                callback_kwargs["latents"] = stack.after_step(callback_kwargs["latents"], step, timestep,
+                                                              pipe.scheduler)
+            if user_callback is not None:
+                callback_kwargs = user_callback(pipe, step, timestep, callback_kwargs)
+            return callback_kwargs
+
+        return on_step_end
+
+
+def _repeat_prompts(prompt: str | list[str] | None, kwargs: dict[str, Any],
+                    n: int) -> tuple[list[str] | None, dict[str, Any]]:
+    """Each prompt (and negative prompt / prompt embeddings) `n` times in a row, as a batch of single prompts."""
+    def rep(p: Any) -> Any:
+        if p is None:
+            return None
+        if isinstance(p, torch.Tensor):
+            return p.repeat_interleave(n, dim=0)
+        return [q for q in ([p] if isinstance(p, str) else p) for _ in range(n)]
+
+    kwargs = dict(kwargs)
+    for key in ("negative_prompt", "prompt_embeds", "negative_prompt_embeds"):
+        if key in kwargs and not isinstance(kwargs[key], str):  # one negative text applies to every prompt as is
+            kwargs[key] = rep(kwargs[key])
+    return rep(prompt), kwargs

@@ -1,14 +1,19 @@
 """What an adapter must provide to run in the studio's adapter stack.
 
-Two kinds, one per way of plugging into a frozen UNet:
+Every adapter is a `StudioAdapter` (an `nn.Module` holding only its own weights). Two ways of plugging into a
+frozen UNet, one subclass each:
 
 * `AttentionAdapter` adds a contribution to the output of some attention layers (`attn1` = self-attention,
   `attn2` = cross-attention). IP-Adapter, AGD and I2V-Adapter are attention adapters.
 * `ResidualAdapter` produces the UNet's `down_block_additional_residuals` / `mid_block_additional_residual`
-  (Ctrl-Adapter).
+  (Ctrl-Adapter, ControlNet).
 
-An adapter is an `nn.Module` holding only its own weights. The stack calls `prepare` once per UNet forward (to
-encode inputs once rather than once per layer) and `contribution` once per attention layer it covers.
+Any adapter may also pin latents (I2V-Adapter keeps frame 0 at the input image): `latents_before_unet` runs before
+every UNet call the stack sees (sampling, training, a user's own loop), `latents_after_step` after every scheduler
+step of a `StudioPipeline` call.
+
+The stack calls `prepare` once per UNet forward (to encode inputs once rather than once per layer) and
+`contribution` once per attention layer an adapter covers.
 """
 
 from __future__ import annotations
@@ -18,10 +23,54 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .context import CallInfo, ForwardContext
+from .context import CallInfo, ForwardContext, UNetCall
 
 
-class AttentionAdapter(nn.Module):
+class StudioAdapter(nn.Module):
+    """Base class of everything the stack runs.
+
+    Class attributes:
+        family: the family's registry name.
+        guidance_mode: the guidance mode this adapter provides in place of classifier-free guidance (AGD: "agd"),
+            or None. A `StudioPipeline` with such an adapter enabled runs one UNet pass per step.
+    """
+
+    family: ClassVar[str] = "adapter"
+    guidance_mode: ClassVar[str | None] = None
+
+    def check_compatible(self, unet: nn.Module) -> None:
+        """Raise `IncompatibleAdapterError` (naming expected and found shapes) if the adapter does not fit `unet`."""
+
+    def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
+        """Encode the inputs once per pipeline call (reference images -> embeddings, ...); default: unchanged."""
+        return inputs
+
+    def latents_before_unet(self, sample: torch.Tensor, inputs: dict[str, Any], ctx: ForwardContext,
+                            active: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's input with pinned parts replaced, or None to leave it as it is (the default).
+
+        Args:
+            sample: the UNet's latent input `[N, C, H, W]` (video: `[N, C, F, H, W]`).
+            inputs: the slot's inputs for this call (what `begin_call` returned).
+            ctx: this forward's context (timestep `[N]`, progress, sizes).
+            active: `[N]` bools on the CPU, the samples this adapter acts on in this forward.
+        """
+        return None
+
+    def latents_after_step(self, latents: torch.Tensor, inputs: dict[str, Any], step: int,
+                           timestep: torch.Tensor, scheduler: Any) -> torch.Tensor | None:
+        """The latents after scheduler step `step` with pinned parts replaced, or None (the default).
+
+        Args:
+            latents: `[B, C, H, W]` (video: `[B, C, F, H, W]`), the conditional samples of the call.
+            inputs: the slot's inputs for this call (what `begin_call` returned).
+            step: index of the step just taken; `timestep` its timestep; `scheduler` the pipeline's scheduler
+                (to re-noise a pinned latent to the next step's level).
+        """
+        return None
+
+
+class AttentionAdapter(StudioAdapter):
     """Base class of attention-level adapters.
 
     Subclasses set `family` and `target` and implement `layer_names` and `contribution`.
@@ -34,13 +83,6 @@ class AttentionAdapter(nn.Module):
     def layer_names(self) -> list[str]:
         """Processor names (keys of `unet.attn_processors`) this adapter adds to."""
         raise NotImplementedError
-
-    def check_compatible(self, unet: nn.Module) -> None:
-        """Raise `IncompatibleAdapterError` (naming expected and found shapes) if the adapter does not fit `unet`."""
-
-    def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
-        """Encode the inputs once per pipeline call (e.g. reference images -> embeddings); default: unchanged."""
-        return inputs
 
     def prepare(self, inputs: dict[str, Any], ctx: ForwardContext) -> Any:
         """Per-forward state computed once for all layers (e.g. image tokens `[N, T, C]`); default: the inputs."""
@@ -71,21 +113,23 @@ class AttentionAdapter(nn.Module):
         raise NotImplementedError
 
 
-class ResidualAdapter(nn.Module):
+class ResidualAdapter(StudioAdapter):
     """Base class of residual-level adapters (Ctrl-Adapter): they produce UNet residual inputs."""
 
     family: ClassVar[str] = "residual"
 
-    def check_compatible(self, unet: nn.Module) -> None:
-        """Raise `IncompatibleAdapterError` if the residuals would not fit `unet`."""
+    def residuals(self, inputs: dict[str, Any], ctx: ForwardContext,
+                  call: UNetCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """`(down_residuals, mid_residual)` for this forward.
 
-    def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
-        """Encode the inputs once per pipeline call (e.g. preprocess control images); default: unchanged."""
-        return inputs
+        Args:
+            inputs: the slot's inputs for this call (what `begin_call` returned).
+            ctx: the forward's context (timestep, progress, sizes, the UNet's time embedding on demand).
+            call: the whole UNet call (sample, timestep, text tokens, `added_cond_kwargs`, frames).
 
-    def residuals(
-        self, inputs: dict[str, Any], ctx: ForwardContext, sample: torch.Tensor, timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Return `(down_residuals, mid_residual)` shaped like the UNet's down-block outputs, batch `N`."""
+        Returns:
+            down residuals shaped like the UNet's down-block outputs (one per `adapter_studio.block_scale.
+            residual_blocks` entry, batch `N`; video: `N * frames`), and the mid residual shaped like the mid
+            block's output, or None for zeros.
+        """
         raise NotImplementedError

@@ -21,7 +21,7 @@ class ForwardContext:
         latent_size: `(H, W)` of the latent sample.
         num_frames: frames per video sample (1 for images).
         unet: the UNet being run (adapters use its frozen time embedding, for instance).
-        cache: per-forward scratch space shared by adapters (e.g. the timestep embedding).
+        cache: per-forward scratch space shared by adapters.
     """
 
     batch_size: int
@@ -32,6 +32,17 @@ class ForwardContext:
     num_frames: int = 1
     unet: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def time_embedding(self) -> torch.Tensor:
+        """The UNet's plain timestep embedding `[N, time_embed_dim]` (no added conditioning), computed once per
+        forward for every adapter that asks."""
+        emb = self.cache.get("time_embedding")
+        if emb is None:
+            unet = self.unet
+            dtype = unet.time_embedding.linear_1.weight.dtype
+            t_proj = unet.time_proj(self.timestep).to(dtype)  # Timesteps returns float32 whatever the UNet's dtype
+            emb = self.cache["time_embedding"] = unet.time_embedding(t_proj)
+        return emb
 
     def spatial_size(self, seq_len: int) -> tuple[int, int]:
         """`(h, w)` of an attention layer whose token count is `seq_len` (the latent downsampled by 2**k)."""
@@ -50,6 +61,25 @@ class ForwardContext:
         if n % t.shape[0]:
             raise ValueError(f"cannot expand a batch of {t.shape[0]} to {n}")
         return t.repeat_interleave(n // t.shape[0], dim=0)
+
+
+@dataclass
+class UNetCall:
+    """The arguments of one UNet forward, as residual adapters see them.
+
+    Attributes:
+        sample: the latent input `[N, C, H, W]` (video: `[N, C, F, H, W]`), after any latent pinning.
+        timestep: `[N]` timesteps.
+        encoder_hidden_states: the text tokens `[N, S, D]`.
+        added_cond_kwargs: SDXL's `{"text_embeds": [N, P], "time_ids": [N, 6]}`, else None.
+        num_frames: frames per video sample (1 for images).
+    """
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    added_cond_kwargs: dict[str, Any] | None = None
+    num_frames: int = 1
 
 
 @dataclass

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .stack import AdapterStack
 
 
 class ComposingAttnProcessor:
@@ -18,7 +15,9 @@ class ComposingAttnProcessor:
     is returned untouched, which keeps a detached, zero-scaled or out-of-window stack bit-identical to the plain UNet.
     """
 
-    def __init__(self, base: Any, layer: str, stack: "AdapterStack"):
+    def __init__(self, base: Any, layer: str, stack: Any):
+        """`base`: the layer's original processor; `layer`: its processor name; `stack`: the `AdapterStack` whose
+        `context` and `slots_for_layer` it reads (not imported here: the stack imports this module)."""
         self.base = base
         self.layer = layer
         self.stack = stack

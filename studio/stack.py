@@ -3,67 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import AttentionAdapter, ResidualAdapter
-from .context import ForwardContext
+from .adapter import AttentionAdapter, ResidualAdapter, StudioAdapter
+from .block_scale import Scale, check_scale_fits, layer_scale, residual_scales, validate_scale
+from .context import ForwardContext, UNetCall
 from .errors import StudioError
 from .processor import ComposingAttnProcessor
-
-Scale = float | dict[str, Any]
-
-_LAYER_RE = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d+)?\.(?:attentions|motion_modules)\.(\d+)\.")
-
-
-def layer_scale(scale: Scale, layer: str) -> float:
-    """Scale of one attention layer from a float or a per-block dict.
-
-    The dict follows diffusers' `set_ip_adapter_scale` convention (InstantStyle): keys `down`, `mid`, `up`; for
-    down/up a float or `{"block_i": float | [float per attention in the block]}`. Layers not named get 0.
-    E.g. InstantStyle's style-only on SD1.5: `{"up": {"block_1": [0.0, 1.0, 0.0]}}` (SDXL: `block_0`; SD1.5's first
-    up block has no attention).
-    """
-    if not isinstance(scale, dict):
-        return float(scale)
-    m = _LAYER_RE.match(layer)
-    if not m:
-        return 0.0
-    part, block, attn_idx = m.group(1).split("_")[0], m.group(2), int(m.group(3))
-    val = scale.get(part, 0.0)
-    if part == "mid" or not isinstance(val, dict):
-        return float(val[attn_idx] if isinstance(val, (list, tuple)) else val)
-    val = val.get(f"block_{block}", 0.0)
-    if isinstance(val, (list, tuple)):
-        if attn_idx >= len(val):
-            raise StudioError(f"per-block scale for {part} block_{block} lists {len(val)} values; "
-                              f"the block has at least {attn_idx + 1} attention layers")
-        return float(val[attn_idx])
-    return float(val)
-
-
-def validate_scale(scale: Scale) -> None:
-    """Raise StudioError unless `scale` is a number or a well-formed per-block dict."""
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return
-    if not isinstance(scale, dict) or not set(scale) <= {"down", "mid", "up"}:
-        raise StudioError(f"scale must be a number or a dict with keys down/mid/up, got {scale!r}")
-    for part, val in scale.items():
-        if isinstance(val, dict):
-            if part == "mid":
-                raise StudioError("the mid block takes a number (or a list), not a per-block dict")
-            for k, v in val.items():
-                if not re.fullmatch(r"block_\d+", k):
-                    raise StudioError(f"per-block scale key {k!r} must look like 'block_0'")
-                vals = v if isinstance(v, (list, tuple)) else [v]
-                if not all(isinstance(x, (int, float)) for x in vals):
-                    raise StudioError(f"per-block scale {part}.{k} must be numbers, got {v!r}")
-        elif not isinstance(val, (int, float, list, tuple)):
-            raise StudioError(f"per-block scale for {part!r} must be a number, list or dict, got {val!r}")
 
 
 @dataclass
@@ -72,8 +22,8 @@ class Slot:
 
     Attributes:
         name: unique name in the stack.
-        adapter: an `AttentionAdapter` or `ResidualAdapter`.
-        scale: float, or per-block dict (see `layer_scale`).
+        adapter: a `StudioAdapter` (an `AttentionAdapter`, a `ResidualAdapter`, or one that only pins latents).
+        scale: float, or per-block dict (`adapter_studio.block_scale`).
         start, end: step window as fractions of sampling; active while `start <= progress < end` (end=1 includes the last step).
         enabled: switch without detaching.
         sample_mask: `[B]` bools, one per conditional sample of a call (None = all); lets one batch carry different mixes.
@@ -99,6 +49,8 @@ class Slot:
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "scale":
             validate_scale(value)
+            if isinstance(self.adapter, AttentionAdapter):
+                check_scale_fits(value, self.adapter.layer_names())
             object.__setattr__(self, "_layer_scales", {})
         elif key == "start":  # the class defaults make both ends readable from the first assignment on
             self._check_window(value, self.end)
@@ -186,12 +138,12 @@ class AdapterStack:
         return self.unet is not None
 
     # ---- slots
-    def add(self, adapter: nn.Module, name: str | None = None, scale: Scale = 1.0, start: float = 0.0,
+    def add(self, adapter: StudioAdapter, name: str | None = None, scale: Scale = 1.0, start: float = 0.0,
             end: float = 1.0, enabled: bool = True, sample_mask: Sequence[bool] | None = None,
             **inputs: Any) -> Slot:
         """Add an adapter; returns its `Slot` (change scale/window/inputs there). Checks it fits the UNet."""
-        if not isinstance(adapter, (AttentionAdapter, ResidualAdapter)):
-            raise StudioError(f"{type(adapter).__name__} is not an AttentionAdapter or ResidualAdapter")
+        if not isinstance(adapter, StudioAdapter):
+            raise StudioError(f"{type(adapter).__name__} is not a StudioAdapter (AttentionAdapter, ResidualAdapter, ...)")
         name = name or self._free_name(getattr(adapter, "family", "adapter"))
         if name in self.slots:
             raise StudioError(f"an adapter named {name!r} is already in the stack")
@@ -201,6 +153,8 @@ class AdapterStack:
                 missing = set(adapter.layer_names()) - set(self._original)
                 if missing:
                     raise StudioError(f"adapter {name!r} names attention layers this UNet lacks: {sorted(missing)[:3]}")
+            if isinstance(adapter, ResidualAdapter):
+                residual_scales(scale, self.unet.config)  # a per-block dict the residuals cannot take fails here
         slot = Slot(name=name, adapter=adapter, scale=scale, start=start, end=end, enabled=enabled,
                     sample_mask=sample_mask, inputs=dict(inputs))
         self.slots[name] = slot
@@ -288,13 +242,28 @@ class AdapterStack:
             return None
         return gate
 
+    def after_step(self, latents: torch.Tensor, step: int, timestep: torch.Tensor, scheduler: Any) -> torch.Tensor:
+        """Give every enabled adapter the latents after scheduler step `step` (`[B, C, (F,) H, W]`); returns them
+        with whatever the adapters pinned. A `StudioPipeline` calls this from diffusers' step-end callback."""
+        for slot in self.slots.values():
+            if not slot.enabled:
+                continue
+            inputs = slot.call_inputs if slot.call_inputs is not None else slot.inputs
+            pinned = slot.adapter.latents_after_step(latents, inputs, step, timestep, scheduler)
+            if pinned is not None:
+                latents = pinned
+        return latents
+
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        n = sample.shape[0]
         if not self.slots:
             self.context = None
             return args, kwargs
+        # one view of the call whether diffusers passed sample / timestep / text tokens positionally or by name
+        names = ("sample", "timestep", "encoder_hidden_states")
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        args = args[len(names):]
+        sample, timestep = kwargs["sample"], kwargs["timestep"]
+        n = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).flatten().to(torch.float32)
         if t.numel() == 1:
             t = t.expand(n)
@@ -304,36 +273,48 @@ class AdapterStack:
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
         ctx.progress = self._progress(t_cpu)
         self.context = ctx
-        down_res: list[torch.Tensor] | None = None
-        mid_res: torch.Tensor | None = None
+        active: list[Slot] = []
         for slot in self.slots.values():
             slot._gate = self._gate(slot, ctx.progress, n)
             slot._gate_on_device = {}
             slot._gate_uniform = None
-            if slot._gate is not None and bool((slot._gate == slot._gate[0]).all()):
-                slot._gate_uniform = float(slot._gate[0])
             slot.state = None
             if slot._gate is None:
                 continue
-            inputs = slot.call_inputs if slot.call_inputs is not None else slot.inputs
+            if bool((slot._gate == slot._gate[0]).all()):
+                slot._gate_uniform = float(slot._gate[0])
+            active.append(slot)
+        for slot in active:  # latent pinning first: every adapter then sees the UNet's real input
+            pinned = slot.adapter.latents_before_unet(kwargs["sample"], self._inputs(slot), ctx, slot._gate > 0)
+            if pinned is not None:
+                kwargs["sample"] = pinned
+        down_res: list[torch.Tensor] | None = None
+        mid_res: torch.Tensor | None = None
+        for slot in active:
             if isinstance(slot.adapter, AttentionAdapter):
-                slot.state = slot.adapter.prepare(inputs, ctx)
+                slot.state = slot.adapter.prepare(self._inputs(slot), ctx)
+            if not isinstance(slot.adapter, ResidualAdapter):
                 continue
-            ehs = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-            down, mid = slot.adapter.residuals(inputs, ctx, sample, t, ehs)
-            g = slot._gate * float(slot.scale if not isinstance(slot.scale, dict) else 1.0)
-            down = [slot.gate_tensor(g, d, ctx) * d for d in down]
+            call = UNetCall(sample=kwargs["sample"], timestep=t, encoder_hidden_states=kwargs.get("encoder_hidden_states"),
+                            added_cond_kwargs=kwargs.get("added_cond_kwargs"), num_frames=ctx.num_frames)
+            down, mid = slot.adapter.residuals(self._inputs(slot), ctx, call)
+            down_scales, mid_scale = residual_scales(slot.scale, module.config)
+            if len(down) != len(down_scales):
+                raise StudioError(f"adapter {slot.name!r} returned {len(down)} down residuals; this UNet takes "
+                                  f"{len(down_scales)}")
+            down = [slot.gate_tensor(slot._gate * s, d, ctx) * d for d, s in zip(down, down_scales)]
+            # diffusers reads down residuals without a mid residual as T2I-Adapter features: always give a mid one
+            mid = torch.zeros_like(down[-1]) if mid is None else slot.gate_tensor(slot._gate * mid_scale, mid, ctx) * mid
             down_res = down if down_res is None else [a + b for a, b in zip(down_res, down)]
-            if mid is not None:
-                mid = slot.gate_tensor(g, mid, ctx) * mid
-                mid_res = mid if mid_res is None else mid_res + mid
-        if down_res is not None or mid_res is not None:
-            kwargs = dict(kwargs)
-            if down_res is not None:
-                given = kwargs.get("down_block_additional_residuals")
-                kwargs["down_block_additional_residuals"] = (
-                    tuple(down_res) if given is None else tuple(a + b for a, b in zip(given, down_res)))
-            if mid_res is not None:
-                given = kwargs.get("mid_block_additional_residual")
-                kwargs["mid_block_additional_residual"] = mid_res if given is None else given + mid_res
+            mid_res = mid if mid_res is None else mid_res + mid
+        if down_res is not None:
+            given = kwargs.get("down_block_additional_residuals")
+            kwargs["down_block_additional_residuals"] = (
+                tuple(down_res) if given is None else tuple(a + b for a, b in zip(given, down_res)))
+            given = kwargs.get("mid_block_additional_residual")
+            kwargs["mid_block_additional_residual"] = mid_res if given is None else given + mid_res
         return args, kwargs
+
+    @staticmethod
+    def _inputs(slot: Slot) -> dict[str, Any]:
+        return slot.call_inputs if slot.call_inputs is not None else slot.inputs

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.adapter import AttentionAdapter, ResidualAdapter
-from studio.context import ForwardContext
+from adapter_studio.adapter import AttentionAdapter, ResidualAdapter
+from adapter_studio.context import ForwardContext
 
 
 def attention_layers(unet: nn.Module, target: str) -> dict[str, nn.Module]:
@@ -69,6 +69,6 @@ class ConstantResidualAdapter(ResidualAdapter):
         self.down = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in shapes])
         self.mid = nn.Parameter(torch.randn(mid_shape, generator=g) * 0.1)
 
-    def residuals(self, inputs, ctx, sample, timestep, encoder_hidden_states):
-        n = sample.shape[0]
+    def residuals(self, inputs, ctx, call):
+        n = call.sample.shape[0]
         return [d.expand(n, *d.shape) for d in self.down], self.mid.expand(n, *self.mid.shape)

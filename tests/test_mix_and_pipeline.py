@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dummy_adapters import LinearAttnAdapter
-from pipelines import StudioPipeline
-from studio import Mix, MixError, StudioError, UnitSpec, apply_mix
-from studio.mix import file_sha256
-from studio.registry import FAMILIES, Family, register_family
+from adapter_studio.pipelines import StudioPipeline
+from adapter_studio import Mix, MixError, StudioError, UnitSpec, apply_mix
+from adapter_studio.mix import file_sha256
+from adapter_studio.registry import FAMILIES, Family, register_family
 
 
 def _gen(pipe, **kw):
@@ -27,8 +27,8 @@ def test_mix_round_trip_and_errors(tmp_path):
     back = Mix.load(path)
     assert back == mix and back.to_dict()["format"] == "adapter-studio/mix"
     d = json.loads(path.read_text())
-    with pytest.raises(MixError, match="mix version 2 is not supported: this studio reads version 1"):
-        Mix.from_dict({**d, "version": 2})
+    with pytest.raises(MixError, match="mix version 3 is not supported: this studio reads versions 1, 2"):
+        Mix.from_dict({**d, "version": 3})
     with pytest.raises(MixError, match="unknown keys \\['strength'\\]"):
         Mix.from_dict({**d, "units": [{"family": "ip", "strength": 1}]})
     with pytest.raises(MixError, match="window"):
@@ -92,7 +92,7 @@ def test_window_counts_steps_and_cfg_mask_covers_both_halves(sd15_pipe):
 def test_guidance_modes_are_checked(sd15_pipe):
     studio = StudioPipeline(sd15_pipe)
     assert studio.guidance_mode("auto") == "cfg"
-    with pytest.raises(StudioError, match="needs an enabled AGD adapter"):
+    with pytest.raises(StudioError, match="guidance='agd' needs an enabled adapter providing it"):
         studio.guidance_mode("agd")
     with pytest.raises(StudioError, match="not in the stack"):
         studio("x", adapter_inputs={"nope": {}})
@@ -103,10 +103,10 @@ def test_apply_mix_loads_units_and_keeps_stack_on_error(sd15_pipe, tmp_path):
 
     def load(weights, pipe):
         ad = LinearAttnAdapter(pipe.unet)
-        ad.load_state_dict(torch.load(weights, weights_only=True))
+        ad.load_state_dict(torch.load(weights["weights"], weights_only=True))
         return ad
 
-    register_family(Family("dummy", "Dummy", load=load))
+    register_family(Family("dummy", "Dummy", loader=load))
     try:
         studio = StudioPipeline(sd15_pipe)
         mix = Mix(units=[UnitSpec(family="dummy", weights="dummy.pt", scale=0.5, name="d")])

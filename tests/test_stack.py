@@ -5,9 +5,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from dummy_adapters import ConstantResidualAdapter, LinearAttnAdapter, attention_layers
-from studio import AdapterStack, StudioError
-from studio.processor import ComposingAttnProcessor
-from studio.stack import layer_scale
+from adapter_studio import AdapterStack, StudioError
+from adapter_studio.processor import ComposingAttnProcessor
+from adapter_studio.block_scale import layer_scale
 
 
 def _run(unet, inp):
@@ -131,7 +131,7 @@ def test_attach_twice_and_foreign_adapter_are_refused(sd15_pipe):
         stack.attach(sd15_pipe.unet)
     with pytest.raises(StudioError, match="already carries an adapter stack"):
         AdapterStack().attach(sd15_pipe.unet)
-    with pytest.raises(StudioError, match="not an AttentionAdapter"):
+    with pytest.raises(StudioError, match="not a StudioAdapter"):
         stack.add(torch.nn.Linear(2, 2))
     with pytest.raises(StudioError, match="window"):
         stack.add(LinearAttnAdapter(sd15_pipe.unet), start=0.8, end=0.2)
@@ -154,7 +154,7 @@ def test_layer_scale_follows_diffusers_block_convention():
 def test_residual_adapter_equals_passing_residuals(sd15_pipe, unet_inputs):
     unet = sd15_pipe.unet
     # shapes of the down-block outputs, read off a ControlNet made from this UNet
-    from studio.presets import build_tiny_controlnet
+    from adapter_studio.presets import build_tiny_controlnet
 
     cn = build_tiny_controlnet()
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_residual_adapter_equals_passing_residuals(sd15_pipe, unet_inputs):
 
 
 def test_stack_on_sdxl_and_video_unets():
-    from studio.presets import load_pipeline
+    from adapter_studio.presets import load_pipeline
 
     xl = load_pipeline("tiny-sdxl").unet
     g = torch.Generator().manual_seed(0)

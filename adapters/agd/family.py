@@ -7,13 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from studio.errors import CheckpointError, MixError
-from studio.registry import Family, register_family
+from adapter_studio.errors import CheckpointError, MixError
+from adapter_studio.family import Family, Field, TrainingScript, Weights
 
 from .modeling_agd import AGDAdapter
 from .upstream import adapter_from_upstream
 
 UPSTREAM_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load(weights: Weights, pipe: Any) -> AGDAdapter:
+    """The family loader: `weights["weights"]` through `load_agd`."""
+    return load_agd(weights.get("weights") or "", pipe)
 
 
 def load_agd(weights: str, pipe: Any) -> AGDAdapter:
@@ -68,4 +73,19 @@ def agd_inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[
     return out
 
 
-AGD_FAMILY = register_family(Family("agd", "AGD", load=load_agd, inputs_from_json=agd_inputs_from_json))
+FAMILY = Family(
+    name="agd", label="AGD guidance", loader=load, inputs_from_json=agd_inputs_from_json, order=40,
+    guidance=AGDAdapter.guidance_mode, model_kinds=("sd15", "sdxl"),
+    help="Replaces classifier-free guidance: one UNet pass per step; w is the guidance scale it was distilled for.",
+    fields=(
+        Field("guidance_scale", "number", "Guidance w", target="guidance", default=5.0, minimum=1.0, maximum=20.0,
+              step=0.5, info="the AGD adapter's guidance scale (replaces the CFG scale)"),
+    ),
+    training=(
+        TrainingScript("train/agd_trajectories.py", "agd*_trajectories.yaml", data_key=None,
+                       produces_adapter=False),
+        TrainingScript("train/agd.py", "agd*.yaml", data_key="trajectories"),
+    ),
+    comfy_nodes=("AdapterStudioAGDLoader", "AdapterStudioApplyAGD"),
+)
+AGD_FAMILY = FAMILY

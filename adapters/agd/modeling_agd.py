@@ -22,15 +22,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from studio.adapter import AttentionAdapter
-from studio.context import CallInfo, ForwardContext
-from studio.errors import IncompatibleAdapterError, StudioError
+from adapter_studio.adapter import AttentionAdapter
+from adapter_studio.context import CallInfo, ForwardContext
+from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
 from .layers import GuidanceAdditive, GuidanceCrossAttention
 
 ARCHS = ("attention", "additive")
-#: ForwardContext.cache key of the UNet's plain time embedding `[N, time_embed_dim]` (shared with other adapters)
-TIME_EMB_KEY = "unet.time_embedding"
 _PROC = ".processor"
 
 
@@ -48,13 +46,6 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
         if getattr(attn, "is_cross_attention", True):
             out[path] = attn
     return out
-
-
-def unet_time_embedding(unet: nn.Module, timestep: torch.Tensor) -> torch.Tensor:
-    """The UNet's plain timestep embedding `[N, time_embed_dim]` for timesteps `[N]` (no added conditioning)."""
-    dtype = unet.time_embedding.linear_1.weight.dtype
-    t_proj = unet.time_proj(timestep).to(dtype)  # Timesteps returns float32 whatever the UNet's dtype
-    return unet.time_embedding(t_proj)
 
 
 class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
@@ -79,6 +70,7 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
 
     config_name = "config.json"
     family = "agd"
+    guidance_mode = "agd"  # replaces classifier-free guidance: one UNet pass per step, w from the call
     target = "attn2"
 
     @register_to_config
@@ -181,10 +173,8 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         w = self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
         t_emb = None
         if self.config.timestep_dim:
-            t_emb = ctx.cache.get(TIME_EMB_KEY)
-            if t_emb is None:
-                with torch.no_grad():  # the base embedding is frozen: no graph needed through it
-                    t_emb = ctx.cache[TIME_EMB_KEY] = unet_time_embedding(ctx.unet, ctx.timestep)
+            with torch.no_grad():  # the base embedding is frozen: no graph needed through it
+                t_emb = ctx.time_embedding()
         return [(blk.embed_w(w), blk.embed_t(t_emb) if t_emb is not None else None) for blk in self.blocks]
 
     def contribution(self, layer: str, attn: nn.Module, hidden_states: torch.Tensor,

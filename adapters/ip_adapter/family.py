@@ -1,22 +1,24 @@
-"""IP-Adapter as a studio family ("ip"): loading from any weights format and reading mix inputs from JSON."""
+"""IP-Adapter as a studio family ("ip"): its loader, its mix inputs, its unit form and its training script."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from studio.errors import MixError
-from studio.registry import Family, register_family
+from adapter_studio.block_scale import BLOCK_PRESETS
+from adapter_studio.errors import MixError
+from adapter_studio.family import Family, Field, TrainingScript, Weights
 
 from .adapter import IPAdapter
 from .formats import load_ip_adapter
 
 
-def load(weights: str, pipe: Any) -> IPAdapter:
+def load(weights: Weights, pipe: Any) -> IPAdapter:
     """An IP-Adapter for `pipe` from a file / folder / hub id, checked against its UNet and image encoder."""
-    if not weights:
+    path = weights.get("weights")
+    if not path:
         raise MixError("an IP-Adapter unit needs 'weights' (a .bin/.safetensors file or an IP-Adapter folder)")
-    return load_ip_adapter(weights, unet=pipe.unet, image_encoder=getattr(pipe, "image_encoder", None))
+    return load_ip_adapter(path, unet=pipe.unet, image_encoder=getattr(pipe, "image_encoder", None))
 
 
 def _path(p: Any, base_dir: Path | None, what: str) -> Path:
@@ -76,4 +78,23 @@ def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str,
     return out
 
 
-FAMILY = register_family(Family(name="ip", label="IP-Adapter", load=load, inputs_from_json=inputs_from_json))
+FAMILY = Family(
+    name="ip", label="IP-Adapter", loader=load, inputs_from_json=inputs_from_json, order=10,
+    prompts_by_image="image", default_weight=0.8,
+    help="Image prompt: the reference images steer content or style through every cross-attention.",
+    fields=(
+        Field("image", "images", "Reference images", required=True,
+              info="one or more; several images are combined as set below"),
+        Field("mask", "image", "Region mask (optional)",
+              info="white = where the image prompt acts; resized to the output"),
+        Field("combine", "choice", "Several images", default="concat", choices=("concat", "average"),
+              info="concat: every image's tokens (diffusers); average: one mean image embedding"),
+        Field("blocks", "choice", "Blocks", target="scale", default="all blocks", choices=BLOCK_PRESETS,
+              info="InstantStyle: style-only / layout-only inject into one block each"),
+        Field("custom_scale", "json", "Per-block scale (JSON)", target="scale", default="",
+              info='e.g. {"up": {"block_1": [0.0, 1.0]}} (diffusers set_ip_adapter_scale keys)',
+              visible_when=("blocks", "custom")),
+    ),
+    training=(TrainingScript("train/ip_adapter.py", "ip_adapter*.yaml", data_key="data_dir"),),
+    comfy_nodes=("AdapterStudioIPAdapterLoader", "AdapterStudioApplyIPAdapter"),
+)

@@ -1,3 +1,5 @@
-"""Adapter families. Importing this package registers every family with `studio.registry`."""
-from . import agd  # noqa: F401,E402  (AGD: guidance distilled into adapters)
-from . import ip_adapter  # noqa: F401,E402  (IP-Adapter: image prompts)
+"""Adapter families, one package each (`ip_adapter`, `agd`, ...).
+
+Importing this package loads no family: each family's `family.FAMILY` is found by `adapter_studio.registry` through
+its entry point (pyproject.toml, group `adapter_studio.families`), so a family loads only when it is used.
+"""

@@ -20,7 +20,7 @@ def _studio_cache(tmp_path_factory):
 
 @pytest.fixture
 def sd15_pipe():
-    from studio.presets import load_pipeline
+    from adapter_studio.presets import load_pipeline
 
     return load_pipeline("tiny-sd15")
 

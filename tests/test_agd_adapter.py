@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.agd import (AGDAdapter, adapter_from_upstream, adapter_to_upstream, cross_attention_layers,
+from adapter_studio.adapters.agd import (AGDAdapter, adapter_from_upstream, adapter_to_upstream, cross_attention_layers,
                           load_upstream_into)
-from pipelines.studio_pipeline import StudioPipeline
-from studio.errors import CheckpointError, IncompatibleAdapterError, StudioError
-from studio.mix import Mix, UnitSpec, apply_mix
-from studio.presets import load_pipeline
-from studio.registry import get_family
+from adapter_studio.pipelines.studio_pipeline import StudioPipeline
+from adapter_studio.errors import CheckpointError, IncompatibleAdapterError, StudioError
+from adapter_studio.mix import Mix, UnitSpec, apply_mix
+from adapter_studio.presets import load_pipeline
+from adapter_studio.registry import get_family
 
 
 def _count_unet_calls(pipe):
@@ -83,7 +83,7 @@ def test_fresh_adapter_adds_exactly_zero(arch, unet_inputs):
 
 def test_contribution_depends_on_w_and_the_additive_variant_is_token_independent(unet_inputs):
     pipe = load_pipeline("tiny-sd15")
-    from studio.stack import AdapterStack
+    from adapter_studio.stack import AdapterStack
 
     stack = AdapterStack().attach(pipe.unet)
     outs = {}
@@ -200,7 +200,7 @@ def test_upstream_checkpoint_loads_safely_and_matches_the_reference_forward(tmp_
     x = torch.randn(2, 64, attn.to_q.in_features, generator=g)
     prompt = torch.randn(2, 77, 32, generator=g)
     w, t = torch.tensor([2.0, 7.5]), torch.tensor([999.0, 101.0])
-    from studio.context import ForwardContext
+    from adapter_studio.context import ForwardContext
 
     ctx = ForwardContext(batch_size=2, cfg=False, timestep=t, progress=torch.zeros(2), latent_size=(16, 16), unet=unet)
     state = adapter.prepare({"guidance_scale": w}, ctx)

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapters.agd import AGDAdapter
-from adapters.ip_adapter import IPAdapter
-from pipelines.studio_pipeline import StudioPipeline
+from adapter_studio.adapters.agd import AGDAdapter
+from adapter_studio.adapters.ip_adapter import IPAdapter
+from adapter_studio.pipelines.studio_pipeline import StudioPipeline
 
 
 def _img(seed, size=40):

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from dummy_adapters import LinearAttnAdapter
-from studio import AdapterStack
+from adapter_studio import AdapterStack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stack_is_bit_identical_and_acts_in_half_precision(dtype):
-    from studio.presets import load_pipeline
+    from adapter_studio.presets import load_pipeline
 
     unet = load_pipeline("tiny-sd15").unet.to("cuda", dtype)
     g = torch.Generator().manual_seed(0)
@@ -33,7 +33,7 @@ def test_stack_is_bit_identical_and_acts_in_half_precision(dtype):
 
 
 def test_training_step_under_autocast_keeps_base_frozen():
-    from studio.presets import load_pipeline
+    from adapter_studio.presets import load_pipeline
 
     unet = load_pipeline("tiny-sd15").unet.to("cuda", torch.float16).requires_grad_(False)
     adapter = LinearAttnAdapter(unet).to("cuda")  # fp32 master weights, as in mixed-precision training

@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.ip_adapter import IPAdapter, load_ip_adapter, original_state_dict, save_original
-from adapters.ip_adapter.formats import read_weights
-from pipelines import StudioPipeline
-from studio.errors import CheckpointError, IncompatibleAdapterError, StudioError
-from studio.presets import load_pipeline
-from studio.registry import get_family
-from studio.stack import AdapterStack
+from adapter_studio.adapters.ip_adapter import IPAdapter, load_ip_adapter, original_state_dict, save_original
+from adapter_studio.adapters.ip_adapter.formats import read_weights
+from adapter_studio.pipelines import StudioPipeline
+from adapter_studio.errors import CheckpointError, IncompatibleAdapterError, StudioError
+from adapter_studio.presets import load_pipeline
+from adapter_studio.registry import get_family
+from adapter_studio.stack import AdapterStack
 
 
 def _img(seed, size=40):
@@ -282,7 +282,7 @@ def test_wrong_shape_checkpoints_get_clear_errors_and_leave_the_unet_alone(tmp_p
         with pytest.raises(err):
             load_ip_adapter(path, studio.pipe.unet, studio.pipe.image_encoder)
     # an adapter built for another UNet is refused by the stack too
-    from studio.presets import load_pipeline as lp
+    from adapter_studio.presets import load_pipeline as lp
     xl = lp("tiny-sdxl")
     with pytest.raises(IncompatibleAdapterError, match="cross_attention_dim"):
         studio.add(IPAdapter.from_unet(xl.unet, 24), "other")

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("kind", ["base", "plus"])
 def test_half_precision_matches_diffusers_on_cuda(tmp_path, kind):
-    from adapters.ip_adapter import load_ip_adapter, save_original
-    from pipelines import StudioPipeline
-    from studio.presets import load_pipeline
+    from adapter_studio.adapters.ip_adapter import load_ip_adapter, save_original
+    from adapter_studio.pipelines import StudioPipeline
+    from adapter_studio.presets import load_pipeline
 
     path = save_original(_random_adapter(load_pipeline("tiny-sd15"), kind), tmp_path / "ip.bin")
     dpipe = load_pipeline("tiny-sd15").to("cuda", torch.float16)
@@ -29,7 +29,7 @@ def test_half_precision_matches_diffusers_on_cuda(tmp_path, kind):
 
 
 def test_mixed_precision_training_with_validation_on_cuda(tmp_path):
-    from train.ip_adapter import main, write_demo_data
+    from adapter_studio.adapters.ip_adapter.training import main, write_demo_data
 
     data = write_demo_data(tmp_path / "data", 8, size=48)
     out = tmp_path / "run"

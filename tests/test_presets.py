@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from studio import PresetError, available_presets, load_pipeline, load_preset
-from studio.tokenizer import tiny_clip_tokenizer
+from adapter_studio import PresetError, available_presets, load_pipeline, load_preset
+from adapter_studio.tokenizer import tiny_clip_tokenizer
 
 
 def _image(pipe, **kw):
@@ -57,7 +57,7 @@ def test_pretrained_path_loads_a_saved_folder(tmp_path, preset):
 
 
 def test_video_pretrained_path_with_motion_adapter_folder(tmp_path):
-    from studio.presets import build_tiny_components
+    from adapter_studio.presets import build_tiny_components
 
     video = load_pipeline("tiny-video")
     load_pipeline("tiny-sd15").save_pretrained(tmp_path / "sd")

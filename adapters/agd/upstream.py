@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.errors import CheckpointError, IncompatibleAdapterError
+from adapter_studio.errors import CheckpointError, IncompatibleAdapterError
 
 from .modeling_agd import AGDAdapter, cross_attention_layers
 

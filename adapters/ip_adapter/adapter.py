@@ -28,9 +28,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from studio.adapter import AttentionAdapter
-from studio.context import CallInfo, ForwardContext
-from studio.errors import IncompatibleAdapterError, StudioError
+from adapter_studio.adapter import AttentionAdapter
+from adapter_studio.context import CallInfo, ForwardContext
+from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
 from . import attention as ipa
 from .inputs import (downsample_mask, encode_pixels, expand_batch, image_list, normalize_embeds, pixel_values,

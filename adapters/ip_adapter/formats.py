@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.errors import CheckpointError, IncompatibleAdapterError
+from adapter_studio.errors import CheckpointError, IncompatibleAdapterError
 
 from .adapter import IPAdapter, check_cross_attention_dim, check_image_encoder, check_unet, cross_attention_layers
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from studio.errors import StudioError
+from adapter_studio.errors import StudioError
 
 
 def _is_image(x: Any) -> bool:

@@ -1,5 +1,7 @@
 """IP-Adapter inference: parity with diffusers' own loader/processor, formats, per-sample references, masks, errors."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -267,6 +269,22 @@ def _bad_files(pipe, tmp_path):
     files["foreign"] = (tmp_path / "foreign.bin", "not an IP-Adapter checkpoint")
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
     files["trunc"] = (tmp_path / "trunc.safetensors", "cannot read IP-Adapter weights")
+    good = tmp_path / "good.bin"
+    torch.save(original_state_dict(_random_adapter(pipe, "base")), good)
+    (tmp_path / "trunc.bin").write_bytes(good.read_bytes()[:200])
+    files["trunc-bin"] = (tmp_path / "trunc.bin", "cannot read IP-Adapter weights .*the file is truncated")
+    # our folder format with a pickle that would run code in place of the safetensors file
+    evil = tmp_path / "evil"
+    _random_adapter(pipe, "base").save_pretrained(evil)
+    (evil / "diffusion_pytorch_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(evil / "diffusion_pytorch_model.bin", "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    files["evil"] = (evil, "cannot load the IP-Adapter folder")
     return files
 
 
@@ -278,7 +296,7 @@ def test_wrong_shape_checkpoints_get_clear_errors_and_leave_the_unet_alone(tmp_p
     for what, (path, message) in _bad_files(studio.pipe, tmp_path).items():
         with pytest.raises(CheckpointError, match=message):
             get_family("ip").load(str(path), studio.pipe)
-        err = CheckpointError if what in ("foreign", "trunc") else IncompatibleAdapterError
+        err = CheckpointError if what in ("foreign", "trunc", "trunc-bin", "evil") else IncompatibleAdapterError
         with pytest.raises(err):
             load_ip_adapter(path, studio.pipe.unet, studio.pipe.image_encoder)
     # an adapter built for another UNet is refused by the stack too

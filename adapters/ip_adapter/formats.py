@@ -49,7 +49,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
             return load_file(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why
-        raise CheckpointError(f"cannot read IP-Adapter weights {str(path)!r}: {e}") from e
+        raise CheckpointError(f"cannot read IP-Adapter weights {str(path)!r}: the file is truncated, not a "
+                              f"safetensors / PyTorch checkpoint, or a pickle that needs code to load "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not an IP-Adapter state dict")
     return obj
@@ -282,6 +284,12 @@ def _load_folder(folder: str | Path, unet: nn.Module | None, image_encoder: Any)
         return IPAdapter.from_pretrained(str(folder))
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load the IP-Adapter folder {str(folder)!r}: {e}") from e
+    except OSError as e:  # a local folder diffusers cannot read (a refused pickle, a truncated file) is our error
+        if not Path(folder).is_dir():
+            raise  # a hub id that did not resolve: the caller says so
+        raise CheckpointError(f"cannot load the IP-Adapter folder {str(folder)!r}: {str(e).splitlines()[0][:300]} "
+                              "(expected config.json + diffusion_pytorch_model.safetensors, as save_pretrained "
+                              "writes)") from None
 
 
 def original_state_dict(adapter: IPAdapter) -> dict[str, dict[str, torch.Tensor]]:

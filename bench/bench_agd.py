@@ -11,7 +11,8 @@ Parts (all measured in this one run, against a baseline from the same run):
 * `fidelity` (`--size tiny` only): trains an AGD adapter on tiny-sd15 trajectories (or takes `--adapter`), then
   decodes images for the same prompts and seeds with CFG, AGD and the conditional prediction alone (no guidance)
   and reports MSE / PSNR of AGD and of no-guidance against CFG.
-* `disk`: bytes per trajectory of `train.agd_trajectories` (fp16) for this size at `--steps` steps, every k.
+* `disk`: bytes per trajectory of `adapter_studio.adapters.agd.trajectories` (fp16) for this size at `--steps`
+  steps, every k.
 * `train`: distillation steps/s (one student pass with the adapter + backward + AdamW) on synthetic records of this
   size, and for tiny the shared loop's own steps/s from the fidelity run.
 
@@ -44,7 +45,7 @@ TEXT = {"mid": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4
 
 def build_pipeline(size: str, device: str, dtype: torch.dtype):
     """tiny-sd15's pipeline; for mid/sd15 with that size's UNet and a text encoder of its cross-attention width."""
-    from studio.presets import load_pipeline
+    from adapter_studio.presets import load_pipeline
 
     pipe = load_pipeline("tiny-sd15")
     if size != "tiny":
@@ -60,8 +61,8 @@ def build_pipeline(size: str, device: str, dtype: torch.dtype):
 
 
 def part_speed(args, pipe, rows: list) -> None:
-    from adapters.agd import AGDAdapter
-    from pipelines.studio_pipeline import StudioPipeline
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.pipelines.studio_pipeline import StudioPipeline
 
     sp = StudioPipeline(pipe)
     slot = sp.add(AGDAdapter.from_unet(pipe.unet, hidden_dim=HIDDEN[args.size]), name="agd")
@@ -101,7 +102,7 @@ def part_speed(args, pipe, rows: list) -> None:
 
 
 def part_disk(args, pipe, rows: list) -> None:
-    from train.agd_trajectories import Layout
+    from adapter_studio.adapters.agd.trajectories import Layout
 
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(args.steps)
@@ -114,8 +115,8 @@ def part_disk(args, pipe, rows: list) -> None:
 
 
 def part_train(args, pipe, rows: list) -> None:
-    from adapters.agd import AGDAdapter
-    from train.agd import AGDStudent
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.adapters.agd.training import AGDStudent
 
     unet = pipe.unet.to(torch.float32 if args.device == "cpu" else pipe.unet.dtype)
     adapter = AGDAdapter.from_unet(unet, hidden_dim=HIDDEN[args.size]).to(args.device)
@@ -152,13 +153,13 @@ def part_fidelity(args, rows: list, train_rows: list) -> None:
     """Train (or load) a tiny AGD adapter, then compare decoded images against CFG for the same seeds."""
     import numpy as np
 
-    from adapters.agd import AGDAdapter
-    from pipelines.studio_pipeline import StudioPipeline
-    from studio.presets import load_pipeline
-    from train.agd import AGDTask, AGDTrainConfig
-    from train.agd_trajectories import TrajectoryConfig, generate_to_disk
-    from train.config import config_from_dict
-    from train.loop import steps_per_second, train
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.pipelines.studio_pipeline import StudioPipeline
+    from adapter_studio.presets import load_pipeline
+    from adapter_studio.adapters.agd.training import AGDTask, AGDTrainConfig
+    from adapter_studio.adapters.agd.trajectories import TrajectoryConfig, generate_to_disk
+    from adapter_studio.train.config import config_from_dict
+    from adapter_studio.train.loop import steps_per_second, train
 
     import yaml
 

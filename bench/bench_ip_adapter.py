@@ -62,7 +62,7 @@ def preset_file(size: str, folder: Path) -> tuple[str, int]:
     """A model preset (random weights, built from configs) for `size` and its image resolution."""
     import yaml
 
-    from studio.presets import load_preset
+    from adapter_studio.presets import load_preset
 
     base = load_preset("tiny-sd15").config
     if size == "tiny":
@@ -79,10 +79,10 @@ def preset_file(size: str, folder: Path) -> tuple[str, int]:
 
 # ------------------------------------------------------------------------------------------------ part: unet
 def bench_unet(args: argparse.Namespace) -> str:
-    from adapters.ip_adapter import IPAdapter, original_state_dict
-    from adapters.ip_adapter import attention as ipa
-    from studio.context import CallInfo
-    from studio.stack import AdapterStack
+    from adapter_studio.adapters.ip_adapter import IPAdapter, original_state_dict
+    from adapter_studio.adapters.ip_adapter import attention as ipa
+    from adapter_studio.context import CallInfo
+    from adapter_studio.stack import AdapterStack
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     with torch.device(args.device):  # random init on the device: seconds instead of a minute for SD1.5 on a CPU
@@ -189,7 +189,7 @@ def _peak_memory(device: str) -> float:
 
 def _build_on_device(device: str) -> None:
     """Build the random-weight models on the device (seconds instead of minutes for SD1.5 + ViT-H on a CPU)."""
-    import studio.presets as presets
+    import adapter_studio.presets as presets
 
     plain = presets.load_pipeline
 
@@ -201,8 +201,8 @@ def _build_on_device(device: str) -> None:
 
 
 def worker_studio(args: argparse.Namespace) -> dict[str, Any]:
-    from train.ip_adapter import main
-    from train.loop import steps_per_second
+    from adapter_studio.adapters.ip_adapter.training import main
+    from adapter_studio.train.loop import steps_per_second
 
     out = Path(args.workdir) / "studio-run"
     # (mixed_precision "no" is the default; passed as text YAML would read it as the boolean false)
@@ -222,14 +222,14 @@ def worker_reference(args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from adapters.ip_adapter import IPAdapter, original_state_dict
-    from train.ip_adapter import IPAdapterDataset, load_records
+    from adapter_studio.adapters.ip_adapter import IPAdapter, original_state_dict
+    from adapter_studio.adapters.ip_adapter.training import IPAdapterDataset, load_records
     from types import SimpleNamespace
 
-    import studio.presets
+    from adapter_studio.presets import load_pipeline
 
     dev = torch.device(args.device)
-    pipe = studio.presets.load_pipeline(args.preset)
+    pipe = load_pipeline(args.preset)
     unet, vae, text_encoder, image_encoder = pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder
     ad = IPAdapter.from_unet(unet, image_encoder.config.projection_dim)
     unet._load_ip_adapter_weights([original_state_dict(ad)], low_cpu_mem_usage=False)
@@ -276,7 +276,7 @@ def worker_reference(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_train(args: argparse.Namespace) -> str:
-    from train.ip_adapter import write_demo_data
+    from adapter_studio.adapters.ip_adapter.training import write_demo_data
 
     with tempfile.TemporaryDirectory() as tmp:
         preset, res = preset_file(args.size, Path(tmp))

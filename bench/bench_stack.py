@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench.common import build_unet, machine, print_table, time_fn  # noqa: E402
-from studio.stack import AdapterStack  # noqa: E402
+from adapter_studio.stack import AdapterStack  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ def unet_config(size: str) -> dict[str, Any]:
     if size == "mid":
         return dict(MID_UNET)
     if size == "tiny":
-        from studio.presets import load_preset
+        from adapter_studio.presets import load_preset
 
         return dict(load_preset("tiny-sd15").config["unet"])
     raise SystemExit(f"--size must be tiny, mid or sd15, got {size!r}")

@@ -6,14 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.agd import AGDAdapter
-from pipelines.studio_pipeline import StudioPipeline
-from studio.presets import load_pipeline
-from studio.registry import get_family
-from train.agd import AGDStudent, AGDTask, AGDTrainConfig
-from train.agd_trajectories import (ConfigError, StreamingTrajectories, TrajectoryConfig, TrajectoryDataset,
-                                    generate_to_disk, sample_trajectories, trajectory_records)
-from train.loop import list_checkpoints, train
+from adapter_studio.adapters.agd import AGDAdapter
+from adapter_studio.adapters.agd.training import AGDStudent, AGDTask, AGDTrainConfig
+from adapter_studio.adapters.agd.trajectories import (ConfigError, StreamingTrajectories, TrajectoryConfig,
+                                                      TrajectoryDataset, generate_to_disk, sample_trajectories,
+                                                      trajectory_records)
+from adapter_studio.pipelines.studio_pipeline import StudioPipeline
+from adapter_studio.presets import load_pipeline
+from adapter_studio.registry import get_family
+from adapter_studio.train.loop import list_checkpoints, train
 
 PROMPTS = ["a photo of a cat", "a red car in the city", "a castle in the forest at night", "a blue house by the sea",
            "portrait of a woman, oil painting", "a robot in a green landscape", "a yellow flower, watercolor",

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.ip_adapter import IPAdapter, load_ip_adapter
-from pipelines import StudioPipeline
-from studio.presets import load_pipeline
-from studio.registry import get_family
-from train.config import ConfigError, parse_config
-from train.ip_adapter import IPAdapterTask, IPAdapterTrainConfig, load_records, main, write_demo_data
+from adapter_studio.adapters.ip_adapter import IPAdapter, load_ip_adapter
+from adapter_studio.adapters.ip_adapter.training import (IPAdapterTask, IPAdapterTrainConfig, load_records, main,
+                                                         write_demo_data)
+from adapter_studio.pipelines import StudioPipeline
+from adapter_studio.presets import load_pipeline
+from adapter_studio.registry import get_family
+from adapter_studio.train.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train" / "ip_adapter.py"

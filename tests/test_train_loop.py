@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from loop_task import DummyTask
-from train.config import ConfigError, TrainConfig, parse_config
-from train.loop import list_checkpoints, train
+from adapter_studio.train.config import ConfigError, TrainConfig, parse_config
+from adapter_studio.train.loop import list_checkpoints, train
 
 
 def _cfg(tmp_path, **kw):

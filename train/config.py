@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from studio.errors import StudioError
+from adapter_studio.errors import StudioError
 
 C = TypeVar("C", bound="TrainConfig")
 

@@ -8,14 +8,15 @@ Checkpoint layout (`output_dir/checkpoint-{step}/`, written to a temp folder the
 leaves a half-written checkpoint behind):
 
     adapter/          the family's own format: loads straight into the pipeline, no conversion script
-    training_state/   adapter_state.safetensors, optimizer.pt, scheduler.json, rng-{rank}.pt, trainer_state.json
+    training_state/   `Accelerator.save_state`: optimizer.bin, scheduler.bin, random_states_{rank}.pkl (+ scaler.pt
+                      with fp16), and through our hooks adapter_state.safetensors instead of the whole model; plus
+                      trainer_state.json (the step; its presence marks a complete checkpoint)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 from .config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_STATE = "adapter_state.safetensors"
 
 
 class TrainingTask:
@@ -88,22 +90,26 @@ def _commit_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": torch.tensor(np.random.get_state()[2])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def _register_state_hooks(accelerator: Any, adapter: nn.Module) -> None:
+    """Make `save_state` / `load_state` keep only the adapter's tensors (as safetensors): the prepared model is the
+    frozen base plus the adapter, and accelerate would otherwise write (and expect) the whole base in every checkpoint.
+    """
 
+    def save_hook(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], folder: str) -> None:
+        weights.clear()
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()},
+                      os.path.join(folder, ADAPTER_STATE))
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    def load_hook(models: list[nn.Module], folder: str) -> None:
+        models.clear()
+        missing, unexpected = adapter.load_state_dict(load_file(os.path.join(folder, ADAPTER_STATE)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {folder} does not fit this adapter: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -170,13 +176,21 @@ def train(cfg: TrainConfig, task_cls: type[TrainingTask]) -> dict[str, Any]:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
     dataloader = task.dataloader()
+    if dataloader.generator is None:
+        # iterators draw their base seed from this generator, not the global RNG: a resumed run starts an iterator
+        # mid-epoch where the uninterrupted run did not, and must still draw the same random numbers afterwards
+        dataloader.generator = torch.Generator().manual_seed(cfg.seed)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     raw_adapter = adapter  # the same parameters the prepared model trains
+    _register_state_hooks(accelerator, raw_adapter)
 
     step = 0
     resume = _resume_dir(cfg)
     if resume is not None:
-        step = _load_training_state(resume, raw_adapter, optimizer, lr_scheduler, accelerator)
+        # no unsafe unpickling: accelerate >= 1.1 reads optimizer.bin, scheduler.bin and random_states_*.pkl through
+        # torch.load(weights_only=True), allowing only numpy's array/dtype globals (1.0 called a bare torch.load)
+        accelerator.load_state(str(resume / "training_state"))
+        step = int(json.loads((resume / "training_state" / "trainer_state.json").read_text())["step"])
         accelerator.print(f"resumed from {resume} at step {step}")
     if accelerator.log_with:
         accelerator.init_trackers("adapter-studio", config={k: v for k, v in cfg.__dict__.items()
@@ -222,7 +236,7 @@ def train(cfg: TrainConfig, task_cls: type[TrainingTask]) -> dict[str, Any]:
             if cfg.validation_steps and step % cfg.validation_steps == 0:
                 _validate(task, accelerator, raw_adapter, step, out)
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_steps:
-                save_checkpoint(cfg, task, accelerator, raw_adapter, optimizer, lr_scheduler, step)
+                save_checkpoint(cfg, task, accelerator, raw_adapter, step)
             if step >= cfg.max_steps:
                 break
     progress.close()
@@ -255,23 +269,20 @@ def _validate(task: TrainingTask, accelerator: Any, adapter: nn.Module, step: in
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(cfg: TrainConfig, task: TrainingTask, accelerator: Any, adapter: nn.Module, optimizer: Any,
-                    lr_scheduler: Any, step: int) -> Path:
+def save_checkpoint(cfg: TrainConfig, task: TrainingTask, accelerator: Any, adapter: nn.Module, step: int) -> Path:
     """Write `checkpoint-{step}` atomically (all processes call this; rank 0 writes the shared files)."""
     out = Path(cfg.output_dir)
     final = out / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         _atomic_dir(final)
-        (tmp / "training_state").mkdir()
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / "training_state" / f"rng-{accelerator.process_index}.pt")
+    # Not `ProjectConfiguration(automatic_checkpoint_naming=True)`: it numbers folders by save count
+    # (`checkpoints/checkpoint_{i}`) and writes them in place, where we need `checkpoint-{step}` renamed in whole.
+    state = tmp / "training_state"
+    accelerator.save_state(str(state))  # every process: its own RNG states; rank 0 the rest
     if accelerator.is_main_process:
         task.save_adapter(adapter, tmp / "adapter")
-        state = tmp / "training_state"
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, state / "adapter_state.safetensors")
-        torch.save(optimizer.state_dict(), state / "optimizer.pt")
-        (state / "scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=_json_default))
         (state / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -281,12 +292,6 @@ def save_checkpoint(cfg: TrainConfig, task: TrainingTask, accelerator: Any, adap
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _json_default(o: Any) -> Any:
-    if callable(o):
-        return None
-    raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
 def _resume_dir(cfg: TrainConfig) -> Path | None:
@@ -299,23 +304,6 @@ def _resume_dir(cfg: TrainConfig) -> Path | None:
     if not (path / "training_state" / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state/trainer_state.json)")
     return path
-
-
-def _load_training_state(folder: Path, adapter: nn.Module, optimizer: Any, lr_scheduler: Any, accelerator: Any) -> int:
-    state = folder / "training_state"
-    sd = load_file(state / "adapter_state.safetensors")
-    missing, unexpected = adapter.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not fit this adapter: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True))
-    sched = json.loads((state / "scheduler.json").read_text())
-    sched.pop("lr_lambdas", None)
-    lr_scheduler.scheduler.load_state_dict({**lr_scheduler.scheduler.state_dict(), **sched}) \
-        if hasattr(lr_scheduler, "scheduler") else lr_scheduler.load_state_dict(sched)
-    rng = state / f"rng-{accelerator.process_index}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    return int(json.loads((state / "trainer_state.json").read_text())["step"])
 
 
 def steps_per_second(losses_log: Path) -> float:

@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_python_api_block_runs(tmp_path, monkeypatch):
-    from adapters.agd import AGDAdapter
-    from adapters.ip_adapter import IPAdapter, save_original
-    from studio.presets import load_pipeline
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.adapters.ip_adapter import IPAdapter, save_original
+    from adapter_studio.presets import load_pipeline
 
     pipe = load_pipeline("tiny-sd15")
     ip = IPAdapter.from_unet(pipe.unet, image_embed_dim=pipe.image_encoder.config.projection_dim)
@@ -22,7 +22,7 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "ref.png")
 
     readme = (ROOT / "README.md").read_text()
-    code = re.search(r"## Python API\s*```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
     code = code.replace("num_inference_steps=25", "num_inference_steps=2, height=64, width=64")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

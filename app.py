@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from studio.app.engine import Engine
-    from studio.app.training_runner import TrainingRunner
-    from studio.app.ui import CSS, build_app, theme
-    from studio.errors import StudioError
+    from adapter_studio.errors import StudioError
+    from adapter_studio.webapp.engine import Engine
+    from adapter_studio.webapp.training_runner import TrainingRunner
+    from adapter_studio.webapp.ui import CSS, build_app, theme
 
     try:
         engine = Engine(model=args.model, models_dir=args.models_dir, outputs_dir=args.outputs_dir,

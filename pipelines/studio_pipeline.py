@@ -37,6 +37,9 @@ class StudioPipeline:
         elif self.stack.unet is not pipe.unet:
             raise StudioError("the given stack is attached to another UNet")
         pipe.unet.requires_grad_(False)
+        # samplers are built from the model's own scheduler config, not from the last sampler's (which may carry
+        # Karras sigmas or another solver's settings into the next)
+        self._scheduler_config = dict(pipe.scheduler.config)
 
     @classmethod
     def from_preset(cls, model: str = "tiny-sd15", torch_dtype: torch.dtype | None = None, **overrides: Any) -> "StudioPipeline":
@@ -67,7 +70,7 @@ class StudioPipeline:
 
     def set_sampler(self, name: str) -> None:
         """Use sampler `name` (`adapter_studio.samplers.SAMPLERS`), built from the model's scheduler config."""
-        self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
+        self.pipe.scheduler = make_scheduler(name, self._scheduler_config)
 
     def guidance_mode(self, guidance: str = "auto") -> str:
         """The guidance the call runs: "cfg" or the mode of the enabled adapter that replaces CFG."""

@@ -29,6 +29,11 @@ def register_family(family: Family) -> Family:
     return family
 
 
+def unregister_family(name: str) -> Family | None:
+    """Remove a family registered at run time (or discovered); returns it, or None when it was not there."""
+    return FAMILIES.pop(name, None)
+
+
 def discover_families() -> dict[str, Family]:
     """Load every family named in the entry point group (once); returns all registered families."""
     global _discovered

@@ -21,9 +21,9 @@ def _randomize(module: torch.nn.Module, seed: int, std: float) -> torch.nn.Modul
 def make_models_dir(root: Path) -> dict[str, str]:
     """Write a random IP-Adapter (original single-file format) and AGD adapter (diffusers folder) for tiny-sd15,
     plus an IP-Adapter made for tiny-sdxl (a file for another base model). Returns their names in the folder."""
-    from adapters.agd import AGDAdapter
-    from adapters.ip_adapter import IPAdapter, save_original
-    from studio.presets import load_pipeline
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.adapters.ip_adapter import IPAdapter, save_original
+    from adapter_studio.presets import load_pipeline
 
     pipe = load_pipeline("tiny-sd15")
     (root / "ip").mkdir(parents=True, exist_ok=True)

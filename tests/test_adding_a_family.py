@@ -10,7 +10,7 @@ import torch
 from adapter_studio import IncompatibleAdapterError, Mix, UnitSpec, apply_mix, families
 from adapter_studio.pipelines import StudioPipeline
 from adapter_studio.presets import load_pipeline
-from adapter_studio.registry import FAMILIES
+from adapter_studio.registry import unregister_family
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adding_a_family.md"
 
@@ -21,7 +21,7 @@ def offset_family():
     scope: dict = {"__name__": "offset_family"}
     exec(compile(code, str(DOC), "exec"), scope)
     yield scope
-    FAMILIES.pop("offset", None)
+    unregister_family("offset")
 
 
 def _gen(sp: StudioPipeline) -> np.ndarray:

@@ -26,9 +26,9 @@ W, H = 128, 96  # not square: a swapped width/height shows
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    from studio.app.engine import Engine, Limits
-    from studio.app.training_runner import TrainingRunner
-    from studio.app.ui import CSS, build_app, theme
+    from adapter_studio.webapp.engine import Engine, Limits
+    from adapter_studio.webapp.training_runner import TrainingRunner
+    from adapter_studio.webapp.ui import CSS, build_app, theme
 
     root = tmp_path_factory.mktemp("studio")
     names = make_models_dir(root / "models")
@@ -65,8 +65,8 @@ def _pixels(path):
 
 
 def test_generate_with_no_unit_ip_agd_and_both(studio, client):
-    from studio.app.metadata import read_mix
-    from studio.mix import file_sha256
+    from adapter_studio.webapp.metadata import read_mix
+    from adapter_studio.mix import file_sha256
 
     ip = {"family": "ip", "weights": studio.names["ip"], "scale": 0.8, "inputs": {"image": ["ref.png", "ref2.png"]}}
     agd = {"family": "agd", "weights": studio.names["agd"], "inputs": {"guidance_scale": 4.0}}
@@ -84,10 +84,11 @@ def test_generate_with_no_unit_ip_agd_and_both(studio, client):
         for i, p in enumerate(paths):
             assert p.suffix == ".png" and Image.open(p).size == (W, H)
             one = read_mix(p)  # the mix travels inside the PNG (text chunk) ...
-            assert one.sampling["seed"] == 11 + i and one.sampling["num_images"] == 1
-            assert one.sampling["prompt"] == "a red fox" and one.model == "tiny-sd15"
+            assert one.sampling.seed == 11 + i and one.sampling.num_images == 1
+            assert one.sampling.prompt == "a red fox" and one.model == "tiny-sd15"
             for u in one.units:
-                assert u.sha256 == sha[u.family], "weights hash recorded"
+                assert u.weights == {"weights": studio.names[u.family]}, "weights recorded in their dict form"
+                assert u.sha256 == {"weights": sha[u.family]}, "weights hash recorded"
                 if u.family == "ip":
                     assert len(u.inputs["image"]) == 2 and all(Path(x).is_file() for x in u.inputs["image"])
             sidecars = list(studio.engine.outputs_dir.rglob(p.name.replace(".png", ".json")))
@@ -123,6 +124,27 @@ def test_an_output_reproduces_from_its_own_metadata_and_from_the_python_export(s
     assert np.array_equal(_pixels(tmp_path / "mix-6.png"), _pixels(again)), "the exported script reproduces it"
 
 
+def test_sample_mask_switches_a_unit_per_image_and_is_recorded(studio, client):
+    """One batch, two mixes: the unit acts on image 1 only; each image's own mix says whether it acted."""
+    from gradio_client.exceptions import AppError
+
+    from adapter_studio.webapp.metadata import read_mix
+
+    ip = {"family": "ip", "weights": studio.names["ip"], "inputs": {"image": [0]}}
+    plain, _ = _generate(client, [], seed=21, n=2)
+    masked, mix = _generate(client, [{**ip, "sample_mask": [True, False]}], images=[studio.ref], seed=21, n=2)
+    assert mix["units"][0]["sample_mask"] == [True, False]
+    assert np.abs(_pixels(masked[0]) - _pixels(plain[0])).mean() > 1.0, "the unit acts on image 1"
+    assert np.abs(_pixels(masked[1]) - _pixels(plain[1])).max() <= 1, "and not on image 2"
+    assert [read_mix(p).units[0].sample_mask for p in masked] == [[True], [False]]
+    again, _ = client.predict(json.dumps(mix), [], api_name="/generate_mix")
+    assert np.array_equal(_pixels(again[1]["image"]), _pixels(masked[1]))
+    with pytest.raises(AppError, match="sample_mask has 3 entries; the call makes 2 image"):
+        _generate(client, [{**ip, "sample_mask": [True, False, True]}], images=[studio.ref], n=2)
+    with pytest.raises(AppError, match="sample_mask"):
+        _generate(client, [{**ip, "sample_mask": "yes"}], images=[studio.ref], n=2)
+
+
 def test_ten_concurrent_requests_all_complete_through_the_queue(studio, client):
     from gradio_client import handle_file
 
@@ -139,7 +161,7 @@ def test_ten_concurrent_requests_all_complete_through_the_queue(studio, client):
         assert mix["sampling"]["prompt"] == f"prompt {i}"
         seeds.append(mix["sampling"]["seed"])
     assert seeds == [100 + i for i in range(10)]
-    assert 1 <= studio.engine._made <= 2, "never more pipelines than --max-concurrency"
+    assert 1 <= studio.engine.pool.made <= 2, "never more pipelines than --max-concurrency"
 
 
 def test_bad_input_gets_a_readable_error_and_the_server_keeps_serving(studio, client, tmp_path):
@@ -219,7 +241,7 @@ def test_browser_fill_prompt_enable_unit_generate_and_restore_settings(studio, t
             assert (tmp_path / "studio.png").stat().st_size > 10_000
 
             # "load settings from image": a PNG made by another request restores prompt, seed and the units
-            from gradio_client import Client, handle_file
+            from gradio_client import Client
 
             c = Client(studio.url, verbose=False, download_files=str(tmp_path))
             gallery, _ = c.predict("a castle at night", "", 77, 3, W, H, "DDIM", "auto", 7.5, 1,
@@ -262,4 +284,4 @@ def test_train_tab_runs_a_real_config_in_the_background_and_its_adapter_generate
     assert Path(st["output_dir"], "validation", "latest.png").is_file()
     name = json.loads(client.predict(api_name="/train_add_to_models"))["name"]
     paths, mix = _generate(client, [{"family": "agd", "weights": name, "inputs": {"guidance_scale": 3.0}}], n=1)
-    assert mix["units"][0]["weights"] == name and mix["sampling"]["guidance"] == "agd"
+    assert mix["units"][0]["weights"] == {"weights": name} and mix["sampling"]["guidance"] == "agd"

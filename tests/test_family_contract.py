@@ -17,7 +17,7 @@ from adapter_studio.block_scale import check_scale_fits, layer_scale
 from adapter_studio.mix import Sampling
 from adapter_studio.pipelines import StudioPipeline
 from adapter_studio.presets import load_pipeline
-from adapter_studio.registry import FAMILIES, families, register_family
+from adapter_studio.registry import families, register_family, unregister_family
 from dummy_adapters import LinearAttnAdapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_sample_mask_and_weights_dict_round_trip_and_reach_the_stack(sd15_pipe, 
         with pytest.raises(MixError, match="sample_mask"):
             Mix.from_dict({"version": 2, "units": [{"family": "x", "sample_mask": [1, 0]}]})
     finally:
-        FAMILIES.pop("dummy-mask", None)
+        unregister_family("dummy-mask")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dummy_adapters import LinearAttnAdapter
 from adapter_studio.pipelines import StudioPipeline
 from adapter_studio import Mix, MixError, StudioError, UnitSpec, apply_mix
 from adapter_studio.mix import file_sha256
-from adapter_studio.registry import FAMILIES, Family, register_family
+from adapter_studio.registry import Family, register_family, unregister_family
 
 
 def _gen(pipe, **kw):
@@ -123,4 +123,15 @@ def test_apply_mix_loads_units_and_keeps_stack_on_error(sd15_pipe, tmp_path):
             apply_mix(bad, studio, base_dir=tmp_path)
         assert list(studio.stack.slots) == ["d"], "a failed mix leaves the stack as it was"
     finally:
-        FAMILIES.pop("dummy", None)
+        unregister_family("dummy")
+
+
+def test_set_sampler_starts_from_the_model_config_each_time(sd15_pipe):
+    studio = StudioPipeline(sd15_pipe)
+    studio.set_sampler("DPM++ 2M Karras")
+    assert studio.pipe.scheduler.config.use_karras_sigmas
+    studio.set_sampler("DPM++ 2M")
+    assert not studio.pipe.scheduler.config.use_karras_sigmas, "the last sampler's settings must not carry over"
+    studio.set_sampler("DDIM")
+    assert type(studio.pipe.scheduler).__name__ == "DDIMScheduler"
+    assert studio.pipe.scheduler.config.beta_schedule == sd15_pipe.scheduler.config.beta_schedule

@@ -36,6 +36,7 @@ class StudioPipeline:
             self.stack.attach(pipe.unet)
         elif self.stack.unet is not pipe.unet:
             raise StudioError("the given stack is attached to another UNet")
+        self.stack.pipe = pipe  # so that a plain `pipe(...)` call runs the stack with its inputs encoded too
         pipe.unet.requires_grad_(False)
         # samplers are built from the model's own scheduler config, not from the last sampler's (which may carry
         # Karras sigmas or another solver's settings into the next)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapter import AttentionAdapter, ResidualAdapter, StudioAdapter
 from .block_scale import Scale, check_scale_fits, layer_scale, residual_scales, validate_scale
-from .context import ForwardContext, UNetCall
+from .context import CallInfo, ForwardContext, UNetCall
 from .errors import StudioError
 from .processor import ComposingAttnProcessor
 
@@ -104,7 +104,11 @@ class AdapterStack:
         self.unet: nn.Module | None = None
         self.context: ForwardContext | None = None
         self.cfg = False
+        #: the diffusers pipeline a wrapper (StudioPipeline) runs this stack in: a plain `pipe(...)` call of it then
+        #: works too (inputs encoded on its first UNet forward, CFG read from the pipeline)
+        self.pipe: Any = None
         self._scheduler: Any = None
+        self._sampling_depth = 0
         self._original: dict[str, Any] | None = None
         self._hook: Any = None
         self._by_layer: dict[str, list[Slot]] = {}
@@ -207,10 +211,32 @@ class AdapterStack:
         """
         old = (self._scheduler, self.cfg)
         self._scheduler, self.cfg = scheduler, cfg
+        self._sampling_depth += 1
         try:
             yield self
         finally:
+            self._sampling_depth -= 1
             self._scheduler, self.cfg = old
+
+    def _begin_plain_call(self, n: int, t: torch.Tensor, sample: torch.Tensor) -> None:
+        """A UNet forward of the wrapped pipeline called as plain diffusers (`pipe(...)`, not the wrapper).
+
+        diffusers' pipelines keep `do_classifier_free_guidance` and the scheduler's timesteps for the running call;
+        the first forward of a call (at the first timestep) encodes every slot's fixed inputs as the wrapper would.
+        """
+        pipe = self.pipe
+        self._scheduler = pipe.scheduler
+        self.cfg = bool(getattr(pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        ts = getattr(pipe.scheduler, "timesteps", None)
+        first = ts is not None and len(ts) and bool((t == float(ts[0])).all())
+        if not first and all(s.call_inputs is not None for s in self.slots.values() if s.enabled):
+            return
+        call = CallInfo(pipe=pipe, batch_size=n // 2 if self.cfg else n, num_images_per_prompt=1, cfg=self.cfg,
+                        guidance_scale=float(getattr(pipe, "guidance_scale", 1.0)), device=sample.device,
+                        dtype=self.unet.dtype, num_frames=sample.shape[2] if sample.ndim == 5 else 1)
+        for slot in self.slots.values():
+            if slot.enabled:
+                slot.call_inputs = slot.adapter.begin_call(dict(slot.inputs), call)
 
     def _progress(self, t: torch.Tensor) -> torch.Tensor:
         sched = self._scheduler
@@ -269,6 +295,8 @@ class AdapterStack:
             t = t.expand(n)
         # gates are decided on the CPU (one small copy per forward) so no slot or layer waits on the GPU
         t_cpu = t.detach().cpu()
+        if self.pipe is not None and not self._sampling_depth:
+            self._begin_plain_call(n, t_cpu, sample)
         ctx = ForwardContext(batch_size=n, cfg=self.cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
         ctx.progress = self._progress(t_cpu)

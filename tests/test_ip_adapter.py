@@ -320,3 +320,19 @@ def test_bad_inputs_are_clear_errors(studio):
         _run(studio, adapter_inputs={"ip": {"image_embeds": torch.randn(1, 1, 5, 24)}})
     with pytest.raises(StudioError, match="mask must be"):
         _run(studio, adapter_inputs={"ip": {"image": _img(0), "mask": torch.ones(1, 1, 1, 8, 8)}})
+
+
+def test_a_plain_diffusers_call_of_the_wrapped_pipeline_runs_the_units_fixed_inputs(studio):
+    """`StudioPipeline(pipe)` then the user's own `pipe(...)`: the unit's reference image is encoded on the call's
+    first UNet forward and CFG is read from the pipeline, so the output equals the wrapper's."""
+    studio.add(_random_adapter(studio.pipe, "plus", seed=3), "ip", scale=0.8, image=_img(4))
+    wrapped = _run(studio, guidance_scale=6.0)
+    plain = _run(studio.pipe, guidance_scale=6.0)
+    np.testing.assert_allclose(plain, wrapped, atol=1e-6)
+    studio.stack["ip"].inputs["image"] = _img(5)  # a new reference is picked up by the next plain call
+    changed = _run(studio.pipe, guidance_scale=6.0)
+    assert not np.allclose(changed, plain, atol=1e-4)
+    np.testing.assert_allclose(changed, _run(studio, guidance_scale=6.0), atol=1e-6)
+    studio.stack["ip"].scale = 0.0
+    studio.stack["ip"].inputs["image"] = _img(4)
+    assert np.array_equal(_run(studio.pipe, guidance_scale=6.0), _run(studio, guidance_scale=6.0))

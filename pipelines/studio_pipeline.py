@@ -129,10 +129,16 @@ class StudioPipeline:
         if "latents" not in kwargs.setdefault("callback_on_step_end_tensor_inputs", ["latents"]):
             kwargs["callback_on_step_end_tensor_inputs"] = [*kwargs["callback_on_step_end_tensor_inputs"], "latents"]
         kwargs["callback_on_step_end"] = self._step_end_callback(user_callback)
+        size = self.default_size()
         call = CallInfo(pipe=self.pipe, batch_size=n_prompts * per_prompt, num_images_per_prompt=per_prompt, cfg=cfg,
                         guidance_scale=float(guidance_scale), device=self.pipe.unet.device, dtype=self.pipe.unet.dtype,
                         num_frames=int(kwargs.get("num_frames", params["num_frames"].default
-                                                  if "num_frames" in params else 1)))
+                                                  if "num_frames" in params else 1)),
+                        height=int(kwargs.get("height") or size), width=int(kwargs.get("width") or size),
+                        prompt=prompt, negative_prompt=kwargs.get("negative_prompt"),
+                        num_inference_steps=int(kwargs.get("num_inference_steps",
+                                                           params["num_inference_steps"].default)),
+                        generator=kwargs.get("generator"))
         masks = {}
         try:
             for slot in self.stack:
@@ -142,6 +148,10 @@ class StudioPipeline:
                     slot.sample_mask = extra.pop("sample_mask")
                 if slot.enabled:
                     slot.call_inputs = slot.adapter.begin_call({**slot.inputs, **extra}, call)
+            if kwargs.get("latents") is None:
+                latents = self._initial_latents(call)
+                if latents is not None:
+                    kwargs["latents"] = latents
             with self.stack.sampling(self.pipe.scheduler, cfg=cfg):
                 return self.pipe(prompt=prompt, guidance_scale=guidance_scale if cfg else 1.0, **kwargs)
         finally:
@@ -150,6 +160,26 @@ class StudioPipeline:
                 slot.state = None
                 if slot.name in masks:
                     slot.sample_mask = masks[slot.name]
+
+    def default_size(self) -> int:
+        """The output side in pixels when a call gives none (the UNet's sample size times the VAE's factor)."""
+        factor = getattr(self.pipe, "vae_scale_factor", 8)
+        return int(self.pipe.unet.config.sample_size * factor)
+
+    def _initial_latents(self, call: CallInfo) -> torch.Tensor | None:
+        """The starting latents of the one enabled adapter that gives them (I2V's Frame Similarity Prior), divided
+        by the scheduler's `init_noise_sigma` (which diffusers multiplies into given latents), or None."""
+        givers = [s for s in self.stack if s.enabled
+                  and type(s.adapter).initial_latents is not StudioAdapter.initial_latents]
+        if not givers:
+            return None
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(call.num_inference_steps, device=call.device)  # the pipeline sets the same again
+        out = [(s.name, s.adapter.initial_latents(s.call_inputs, call, scheduler)) for s in givers]
+        out = [(name, x) for name, x in out if x is not None]
+        if len(out) > 1:
+            raise StudioError(f"adapters {[n for n, _ in out]} each give the starting latents; enable one of them")
+        return out[0][1] / scheduler.init_noise_sigma if out else None
 
     def _step_end_callback(self, user_callback: Any) -> Any:
         """diffusers' `callback_on_step_end`: the stack's latent pinning, then the caller's callback (if any)."""

@@ -8,9 +8,9 @@ frozen UNet, one subclass each:
 * `ResidualAdapter` produces the UNet's `down_block_additional_residuals` / `mid_block_additional_residual`
   (Ctrl-Adapter, ControlNet).
 
-Any adapter may also pin latents (I2V-Adapter keeps frame 0 at the input image): `latents_before_unet` runs before
-every UNet call the stack sees (sampling, training, a user's own loop), `latents_after_step` after every scheduler
-step of a `StudioPipeline` call.
+Any adapter may also shape latents (I2V-Adapter keeps frame 0 at the input image): `initial_latents` gives the
+latents a `StudioPipeline` call starts from, `latents_before_unet` runs before every UNet call the stack sees
+(sampling, training, a user's own loop), `latents_after_step` after every scheduler step of a `StudioPipeline` call.
 
 The stack calls `prepare` once per UNet forward (to encode inputs once rather than once per layer) and
 `contribution` once per attention layer an adapter covers.
@@ -44,6 +44,17 @@ class StudioAdapter(nn.Module):
     def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
         """Encode the inputs once per pipeline call (reference images -> embeddings, ...); default: unchanged."""
         return inputs
+
+    def initial_latents(self, inputs: dict[str, Any], call: CallInfo, scheduler: Any) -> torch.Tensor | None:
+        """The latents sampling starts from, or None for the pipeline's own noise (the default).
+
+        Called once per `StudioPipeline` call after `begin_call`, with the scheduler's timesteps already set for
+        the call (`scheduler.timesteps[0]` is the first step). Return `[B, C, h, w]` (video: `[B, C, F, h, w]`) at
+        the first step's noise level, as the sampler uses them (I2V-Adapter's Frame Similarity Prior); the pipeline
+        divides by `scheduler.init_noise_sigma`, which diffusers multiplies into given latents. At most one enabled
+        adapter of a call may return latents.
+        """
+        return None
 
     def latents_before_unet(self, sample: torch.Tensor, inputs: dict[str, Any], ctx: ForwardContext,
                             active: torch.Tensor) -> torch.Tensor | None:

@@ -94,6 +94,10 @@ class CallInfo:
         guidance_scale: the requested guidance scale (CFG scale, or AGD's w).
         device, dtype: where the UNet runs.
         num_frames: frames per sample (video pipelines), else 1.
+        height, width: the output size in pixels (None where the caller does not know it: a plain diffusers call).
+        prompt, negative_prompt: the call's texts, as given (a string, a list, or None with prompt embeddings).
+        num_inference_steps: the sampling steps (None where unknown).
+        generator: the call's generator(s), for adapters that draw random numbers (an initial latent).
     """
 
     pipe: Any
@@ -104,3 +108,9 @@ class CallInfo:
     device: torch.device
     dtype: torch.dtype
     num_frames: int = 1
+    height: int | None = None
+    width: int | None = None
+    prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int | None = None
+    generator: Any = None

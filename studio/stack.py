@@ -323,10 +323,12 @@ class AdapterStack:
                 slot.state = slot.adapter.prepare(self._inputs(slot), ctx)
             if not isinstance(slot.adapter, ResidualAdapter):
                 continue
+            down_scales, mid_scale = residual_scales(slot.scale, module.config)
+            if mid_scale == 0.0 and not any(down_scales):  # nothing would be added: do not run the ControlNet
+                continue
             call = UNetCall(sample=kwargs["sample"], timestep=t, encoder_hidden_states=kwargs.get("encoder_hidden_states"),
                             added_cond_kwargs=kwargs.get("added_cond_kwargs"), num_frames=ctx.num_frames)
             down, mid = slot.adapter.residuals(self._inputs(slot), ctx, call)
-            down_scales, mid_scale = residual_scales(slot.scale, module.config)
             if len(down) != len(down_scales):
                 raise StudioError(f"adapter {slot.name!r} returned {len(down)} down residuals; this UNet takes "
                                   f"{len(down_scales)}")

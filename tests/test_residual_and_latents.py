@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
@@ -231,3 +232,39 @@ def test_latent_hook_acts_in_a_bare_unet_call_as_in_training():
         unet(sample, torch.tensor(999), torch.randn(2, 77, 32))
     assert len(pin.seen) == 1, "a disabled slot pins nothing"
     stack.detach()
+
+
+class StartFrom(StudioAdapter):
+    """Gives the starting latents of a call (what I2V's Frame Similarity Prior does), recording what it was told."""
+
+    family = "test-start"
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+        self.seen = []
+
+    def initial_latents(self, inputs, call, scheduler):
+        self.seen.append((call.height, call.width, call.num_inference_steps, call.prompt, int(scheduler.timesteps[0])))
+        return self.x * scheduler.init_noise_sigma
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler"])
+def test_initial_latents_are_where_sampling_starts(sd15_pipe, sampler):
+    sp = StudioPipeline(sd15_pipe)
+    sp.set_sampler(sampler)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    kw = dict(num_inference_steps=3, height=64, width=64, output_type="np")
+    sp.pipe.scheduler.set_timesteps(3)
+    expected_t0 = int(sp.pipe.scheduler.timesteps[0])
+    reference = sp("a cube", latents=x, **kw).images  # diffusers starts from latents * init_noise_sigma
+    start = StartFrom(x)
+    sp.add(start, name="start")
+    out = sp("a cube", **kw).images
+    np.testing.assert_array_equal(out, reference)
+    assert start.seen == [(64, 64, 3, "a cube", expected_t0)]
+    assert np.array_equal(sp("a cube", latents=torch.zeros_like(x), **kw).images,
+                          sp.pipe("a cube", latents=torch.zeros_like(x), **kw).images), "given latents win"
+    sp.add(StartFrom(x), name="start2")
+    with pytest.raises(StudioError, match="each give the starting latents"):
+        sp("a cube", **kw)

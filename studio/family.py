@@ -17,6 +17,7 @@ Nothing here imports Gradio: `Field` is a declarative form spec the app turns in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -135,6 +136,11 @@ class Family:
         order: position in the app's family list (smaller first).
         training: its training scripts.
         comfy_nodes: class names of its ComfyUI nodes (loader first, then apply), for the workflow export.
+        inspect: `path -> description` of a weights file or folder of this family without loading a model: a dict
+            with `format`, `variant`, `base` (the widths and layer counts it was made for), `parameters`, `dtype`;
+            raises `CheckpointError` when the file is not this family's. Read by `python -m adapter_studio inspect`.
+        writers: format name -> `(adapter, path) -> written path`: the formats `python -m adapter_studio convert`
+            writes (an adapter loaded with `load`, so every readable format converts to every written one).
     """
 
     name: str
@@ -152,6 +158,8 @@ class Family:
     order: int = 100
     training: tuple[TrainingScript, ...] = ()
     comfy_nodes: tuple[str, ...] = ()
+    inspect: Callable[[Path], dict[str, Any]] | None = None
+    writers: Mapping[str, Callable[[nn.Module, Path], Path]] = dataclass_field(default_factory=dict)
 
     def field(self, key: str) -> Field | None:
         return next((f for f in self.fields if f.key == key), None)
@@ -187,4 +195,4 @@ class Family:
                             for w in self.weights],
                 "fields": [f.to_json() for f in self.fields],
                 "training": [{"script": t.script, "configs": t.configs, "data_key": t.data_key} for t in self.training],
-                "comfy_nodes": list(self.comfy_nodes)}
+                "comfy_nodes": list(self.comfy_nodes), "formats_written": sorted(self.writers)}

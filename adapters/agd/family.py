@@ -11,7 +11,8 @@ from adapter_studio.errors import CheckpointError, MixError
 from adapter_studio.family import Family, Field, TrainingScript, Weights
 
 from .modeling_agd import AGDAdapter
-from .upstream import adapter_from_upstream
+from .upstream import adapter_from_upstream, read_upstream_file
+from .upstream import infer_config as upstream_config
 
 UPSTREAM_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -59,6 +60,49 @@ def load_agd(weights: str, pipe: Any) -> AGDAdapter:
     return adapter.to(device=unet.device, dtype=unet.dtype)
 
 
+def inspect_agd(path: Path) -> dict[str, Any]:
+    """What an AGD folder or upstream checkpoint is, without a model (for `python -m adapter_studio inspect`)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
+    if path.is_file() and path.suffix in UPSTREAM_SUFFIXES:
+        model = read_upstream_file(path)
+        cfg = upstream_config(model)
+        tensors = [t for sd in model.values() for t in sd.values()]
+        return {"format": "upstream .pt (cristianpjensen/agd)", "variant": cfg["arch"],
+                "base": {"cross-attention layers": len(model), "time embedding width": cfg.get("timestep_dim"),
+                         "prompt width": cfg.get("prompt_dim")},
+                "hidden width": cfg["hidden_dim"], "parameters": sum(t.numel() for t in tensors),
+                "dtype": str(tensors[0].dtype).removeprefix("torch.")}
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{path} is neither an AGD folder (config.json) nor an upstream "
+                              f"{'/'.join(UPSTREAM_SUFFIXES)} file")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
+    if config.get("_class_name") != AGDAdapter.__name__:
+        raise CheckpointError(f"{folder} holds a {config.get('_class_name')!r}, not an {AGDAdapter.__name__}")
+    from safetensors import safe_open
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+        dtype = f.get_slice(next(iter(f.keys()))).get_dtype() if shapes else "?"
+    return {"format": "folder (save_pretrained)", "variant": config.get("arch"),
+            "base": {"cross-attention layers": len(config.get("layer_paths") or []),
+                     "time embedding width": config.get("timestep_dim"), "prompt width": config.get("prompt_dim"),
+                     "trained for": config.get("base_model") or "?"},
+            "hidden width": config.get("hidden_dim"),
+            "parameters": sum(math.prod(s) for s in shapes), "dtype": str(dtype).lower()}
+
+
+def _save_folder(adapter: AGDAdapter, path: Path) -> Path:
+    adapter.save_pretrained(path)
+    return Path(path)
+
+
 def agd_inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     """Mix inputs of an AGD unit: optional `guidance_scale` (w; default: the call's guidance scale)."""
     unknown = set(inputs) - {"guidance_scale"}
@@ -87,5 +131,7 @@ FAMILY = Family(
         TrainingScript("train/agd.py", "agd*.yaml", data_key="trajectories"),
     ),
     comfy_nodes=("AdapterStudioAGDLoader", "AdapterStudioApplyAGD"),
+    inspect=inspect_agd,
+    writers={"folder": _save_folder},  # upstream's .pt is a pickle: read safely, never written
 )
 AGD_FAMILY = FAMILY

@@ -10,7 +10,7 @@ from adapter_studio.errors import MixError
 from adapter_studio.family import Family, Field, TrainingScript, Weights
 
 from .adapter import IPAdapter
-from .formats import load_ip_adapter
+from .formats import inspect_weights, load_ip_adapter, save_original
 
 
 def load(weights: Weights, pipe: Any) -> IPAdapter:
@@ -97,4 +97,12 @@ FAMILY = Family(
     ),
     training=(TrainingScript("train/ip_adapter.py", "ip_adapter*.yaml", data_key="data_dir"),),
     comfy_nodes=("AdapterStudioIPAdapterLoader", "AdapterStudioApplyIPAdapter"),
+    inspect=inspect_weights,
+    writers={"folder": _saved,  # our format: from_pretrained / hub ids
+             "original": save_original},  # .bin or .safetensors by DEST's suffix: diffusers' load_ip_adapter reads it
 )
+
+
+def _saved(adapter: IPAdapter, path: Path) -> Path:
+    adapter.save_pretrained(path)
+    return Path(path)

@@ -144,8 +144,8 @@ def _swap_prefix(key: str, table: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ config from keys
-def infer_config(image_proj: dict[str, Any], ip: dict[str, Any], unet: nn.Module) -> dict[str, Any]:
-    """The `IPAdapter` config a checkpoint describes, with layer names taken from `unet` (original numbering)."""
+def projection_config(image_proj: dict[str, Any]) -> dict[str, Any]:
+    """The projection part of the `IPAdapter` config a checkpoint describes (no UNet needed)."""
     shape = lambda k: tuple(image_proj[k].shape)  # noqa: E731
     if "proj.weight" in image_proj:
         if "norm.weight" not in image_proj:
@@ -172,7 +172,12 @@ def infer_config(image_proj: dict[str, Any], ip: dict[str, Any], unet: nn.Module
         raise CheckpointError("IP-Adapter FaceID checkpoints are not supported (they need InsightFace embeddings)")
     else:
         raise CheckpointError(f"unknown IP-Adapter projection with keys {sorted(image_proj)[:4]}")
+    return cfg
 
+
+def infer_config(image_proj: dict[str, Any], ip: dict[str, Any], unet: nn.Module) -> dict[str, Any]:
+    """The `IPAdapter` config a checkpoint describes, with layer names taken from `unet` (original numbering)."""
+    cfg = projection_config(image_proj)
     keys = sorted({int(_IP_KEY.match(k).group(1)) for k in ip})
     layers = cross_attention_layers(unet)
     hidden = []
@@ -328,3 +333,68 @@ def save_original(adapter: IPAdapter, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"save_original writes .bin or .safetensors, got {path.name!r}")
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ inspecting
+def inspect_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """What an IP-Adapter file or folder is, without a model: format, variant, base widths, parameters, dtype.
+
+    Raises CheckpointError when `path` is not an IP-Adapter (`python -m adapter_studio inspect` asks every family).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _inspect_folder(path)
+        files = [p for p in sorted(path.iterdir()) if p.suffix in ORIGINAL_SUFFIXES]
+        if len(files) != 1:
+            raise CheckpointError(f"{path} holds no IP-Adapter config.json and not exactly one weights file")
+        path = files[0]
+    sd = read_weights(path)
+    if any(k.startswith("encoder_hid_proj.image_projection_layers.") for k in sd):
+        # the layer numbering needs the UNet; the projection and the per-layer weights can be read without it
+        prefix = "encoder_hid_proj.image_projection_layers.0."
+        image_proj = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        ip = {k: v for k, v in sd.items() if ".to_k_ip.0." in k or ".to_v_ip.0." in k}
+        fmt = "diffusers UNet state dict (encoder_hid_proj + to_k_ip/to_v_ip)"
+        if _is_diffusers_proj(image_proj):
+            image_proj = diffusers_proj_to_original(image_proj)
+    else:
+        image_proj, ip = split_state_dict(sd)
+        fmt = "original nested .bin" if "image_proj" in sd else "original flat (image_proj.* / ip_adapter.*)"
+    cfg = projection_config(image_proj)
+    tensors = [*image_proj.values(), *ip.values()]
+    return {"format": fmt, "variant": cfg["projection"],
+            "base": {"cross_attention_dim": cfg["cross_attention_dim"], "cross-attention layers": len(ip) // 2,
+                     "image encoder width": cfg["image_embed_dim"]},
+            "image tokens": cfg["num_tokens"] or 257, "parameters": sum(t.numel() for t in tensors),
+            "dtype": str(tensors[0].dtype).removeprefix("torch.")}
+
+
+def _inspect_folder(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
+    if config.get("_class_name") != "IPAdapter":
+        raise CheckpointError(f"{folder} holds a {config.get('_class_name')!r}, not an IPAdapter")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtype = f.get_slice(next(iter(f.keys()))).get_dtype() if shapes else "?"
+    return {"format": "folder (save_pretrained)", "variant": config.get("projection"),
+            "base": {"cross_attention_dim": config.get("cross_attention_dim"),
+                     "cross-attention layers": len(config.get("layer_names") or []),
+                     "image encoder width": config.get("image_embed_dim")},
+            "image tokens": config.get("num_tokens") or 257,
+            "parameters": sum(_prod(s) for s in shapes.values()), "dtype": str(dtype).lower()}
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out

@@ -78,6 +78,11 @@ def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str,
     return out
 
 
+def _saved(adapter: IPAdapter, path: Path) -> Path:
+    adapter.save_pretrained(path)
+    return Path(path)
+
+
 FAMILY = Family(
     name="ip", label="IP-Adapter", loader=load, inputs_from_json=inputs_from_json, order=10,
     prompts_by_image="image", default_weight=0.8,
@@ -102,7 +107,3 @@ FAMILY = Family(
              "original": save_original},  # .bin or .safetensors by DEST's suffix: diffusers' load_ip_adapter reads it
 )
 
-
-def _saved(adapter: IPAdapter, path: Path) -> Path:
-    adapter.save_pretrained(path)
-    return Path(path)

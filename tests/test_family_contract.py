@@ -207,3 +207,20 @@ def test_one_namespace_no_generic_top_level_packages():
             "assert [importlib.util.find_spec(n) for n in ('studio', 'adapters', 'pipelines', 'train', 'webapp')] "
             "== [None] * 5\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_shared_file_readers_give_one_clear_error(tmp_path):
+    from adapter_studio.files import input_image, input_path, read_state_dict
+
+    (tmp_path / "t.bin").write_bytes(b"PK\x03\x04broken")
+    with pytest.raises(StudioError, match="cannot read Thing weights .*t.bin.*truncated"):
+        read_state_dict(tmp_path / "t.bin", "Thing weights")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(StudioError, match="holds a list, not a state dict of Thing weights"):
+        read_state_dict(tmp_path / "list.pt", "Thing weights")
+    (tmp_path / "a.txt").write_text("not an image")
+    assert input_path("a.txt", tmp_path, "x") == tmp_path / "a.txt"
+    with pytest.raises(MixError, match="input 'ref': a.txt is not an image PIL can read"):
+        input_image("a.txt", tmp_path, "ref")
+    with pytest.raises(MixError, match="input 'ref': 'nope.png' does not exist"):
+        input_image("nope.png", tmp_path, "ref")

@@ -8,6 +8,7 @@ from typing import Any
 from adapter_studio.block_scale import BLOCK_PRESETS
 from adapter_studio.errors import MixError
 from adapter_studio.family import Family, Field, TrainingScript, Weights
+from adapter_studio.files import input_image, input_path
 
 from .adapter import IPAdapter
 from .formats import inspect_weights, load_ip_adapter, save_original
@@ -21,22 +22,8 @@ def load(weights: Weights, pipe: Any) -> IPAdapter:
     return load_ip_adapter(path, unet=pipe.unet, image_encoder=getattr(pipe, "image_encoder", None))
 
 
-def _path(p: Any, base_dir: Path | None, what: str) -> Path:
-    if not isinstance(p, str):
-        raise MixError(f"IP-Adapter input {what!r} must be a path string, got {type(p).__name__}")
-    path = Path(p)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
-    if not path.is_file():
-        raise MixError(f"IP-Adapter input {what!r}: {p!r} does not exist")
-    return path
-
-
 def _image(p: Any, base_dir: Path | None, what: str) -> Any:
-    from PIL import Image
-
-    with Image.open(_path(p, base_dir, what)) as im:
-        return im.convert("RGB")
+    return input_image(p, base_dir, f"IP-Adapter {what}")
 
 
 def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
@@ -56,14 +43,11 @@ def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str,
             out[key] = [[_image(p, base_dir, key) for p in v] if isinstance(v, list) else _image(v, base_dir, key)
                         for v in val]
         elif key == "mask":
-            from PIL import Image
-
-            with Image.open(_path(val, base_dir, key)) as im:
-                out[key] = im.convert("L")
+            out[key] = input_image(val, base_dir, "IP-Adapter mask", mode="L")
         elif key == "image_embeds":
             from safetensors.torch import load_file
 
-            tensors = load_file(str(_path(val, base_dir, key)))
+            tensors = load_file(str(input_path(val, base_dir, "IP-Adapter image_embeds")))
             if "image_embeds" not in tensors:
                 raise MixError(f"IP-Adapter 'image_embeds' file {val!r} lacks the tensor 'image_embeds'")
             out["image_embeds"] = tensors["image_embeds"]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from adapter_studio.errors import CheckpointError, IncompatibleAdapterError
+from adapter_studio.files import read_state_dict
 
 from .adapter import IPAdapter, check_cross_attention_dim, check_image_encoder, check_unet, cross_attention_layers
 
@@ -39,22 +40,7 @@ _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 # ------------------------------------------------------------------------------------------------ reading files
 def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     """The raw dict of a `.safetensors` (flat) or a pickle (through `weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"IP-Adapter weights {str(path)!r} do not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise CheckpointError(f"cannot read IP-Adapter weights {str(path)!r}: the file is truncated, not a "
-                              f"safetensors / PyTorch checkpoint, or a pickle that needs code to load "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not an IP-Adapter state dict")
-    return obj
+    return read_state_dict(path, "IP-Adapter weights")
 
 
 def split_state_dict(sd: dict[str, Any], unet: nn.Module | None = None, index: int = 0) -> tuple[dict, dict]:

@@ -48,13 +48,12 @@ def test_loop_checkpoints_and_resumes_exactly(tmp_path):
     assert not list(run_b.glob(".*.tmp")), "no temp folder survives a finished checkpoint"
     shutil.rmtree(run_b / "checkpoint-4")
     shutil.rmtree(run_b / "final")
-    log = run_b / "logs" / "loss.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:2]))
+    log = run_b / "logs" / "loss.jsonl"  # keeps steps 3 and 4, as a run killed during step 4's checkpoint does
 
     resumed = train(_cfg(tmp_path / "b"), DummyTask)
     assert resumed["step"] == 4 and len(resumed["losses"]) == 2, "the resumed run does only the missing steps"
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4], "the killed run's steps after its checkpoint are dropped, each step logged once"
     assert resumed["losses"] == pytest.approx(straight["losses"][2:], abs=1e-6)
     a = load_file(tmp_path / "a" / "run" / "final" / "adapter.safetensors")
     b = load_file(run_b / "final" / "adapter.safetensors")
@@ -86,3 +85,9 @@ def test_config_parsing_and_errors(tmp_path):
         parse_config(TrainConfig, ["--max_steps", "many"])
     with pytest.raises(ConfigError, match="mixed_precision"):
         parse_config(TrainConfig, ["--mixed_precision", "fp8"])
+    y.write_text("mixed_precision: no\n")  # YAML reads an unquoted no as false
+    with pytest.raises(ConfigError, match=r"mixed_precision.*takes a string, got the boolean False: quote it"):
+        parse_config(TrainConfig, ["--config", str(y)])
+    y.write_text("max_steps: 3\n  bad: [\n")
+    with pytest.raises(ConfigError, match=r"c.yaml line 2: not valid YAML \(mapping values are not allowed here\)"):
+        parse_config(TrainConfig, ["--config", str(y)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,8 @@ from torch import nn
 
 from adapter_studio.errors import CheckpointError
 from adapter_studio.stack import AdapterStack
-from adapter_studio.train.config import ConfigError, TrainConfig, config_from_dict, parse_config
-from adapter_studio.train.loop import TrainingTask, train
+from adapter_studio.train.config import ConfigError, TrainConfig, config_from_dict, load_yaml_mapping
+from adapter_studio.train.loop import TrainingTask, run_cli
 
 from .modeling_agd import AGDAdapter
 from .trajectories import StreamingTrajectories, TrajectoryConfig, TrajectoryDataset
@@ -49,8 +49,14 @@ class AGDTrainConfig(TrainConfig):
     validation_inference_steps: int = 20
     validation_seed: int = 0
 
+    RESUMABLE: ClassVar[frozenset[str]] = TrainConfig.RESUMABLE | {
+        "validation_prompts", "validation_guidance_scales", "validation_inference_steps", "validation_seed"}
+
     def validate(self) -> None:
         super().validate()
+        for key in ("stream_pool_trajectories", "hidden_dim", "num_heads", "validation_inference_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.arch not in ("attention", "additive"):
             raise ConfigError(f"arch must be 'attention' or 'additive', got {self.arch!r}")
         if not self.trajectories and not self.trajectory_config:
@@ -99,12 +105,7 @@ class AGDStudent(nn.Module):
 
 
 def load_trajectory_config(path: str, model: str) -> TrajectoryConfig:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"trajectory_config {p} does not exist")
-    values = yaml.safe_load(p.read_text()) or {}
+    values = load_yaml_mapping(path, "trajectory_config")
     values["model"] = model  # the teacher is always the model being distilled
     return config_from_dict(TrajectoryConfig, values)
 
@@ -148,11 +149,23 @@ class AGDTask(TrainingTask):
             return torch.utils.data.DataLoader(ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True,
                                                num_workers=cfg.dataloader_num_workers, generator=g)
         tcfg = load_trajectory_config(cfg.trajectory_config, cfg.model)
-        # one optimizer step's records per "epoch": the loop's epoch/skip bookkeeping never re-samples on resume
-        ds = StreamingTrajectories(self.pipe, tcfg, epoch_records=cfg.train_batch_size * cfg.gradient_accumulation_steps,
-                                   pool_trajectories=cfg.stream_pool_trajectories, pause=self.student.adapter_off,
-                                   seed=cfg.seed)
-        return torch.utils.data.DataLoader(ds, batch_size=cfg.train_batch_size, num_workers=0)
+        # One optimizer step's records (of all processes: each samples the same stream and takes its share) per
+        # "epoch": every checkpoint falls between two epochs, where the stream has handed out exactly what the steps
+        # so far used, so its state (`state_dict`) is the position to resume from.
+        processes = self.accelerator.num_processes if self.accelerator is not None else 1
+        self.stream = StreamingTrajectories(
+            self.pipe, tcfg, epoch_records=cfg.train_batch_size * cfg.gradient_accumulation_steps * processes,
+            pool_trajectories=cfg.stream_pool_trajectories, pause=self.student.adapter_off, seed=cfg.seed)
+        # workers would sample in copies of the stream that the checkpoint never sees (and the teacher is here)
+        return torch.utils.data.DataLoader(self.stream, batch_size=cfg.train_batch_size, num_workers=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        stream = getattr(self, "stream", None)
+        return {"stream": stream.state_dict()} if stream is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" in state and getattr(self, "stream", None) is not None:
+            self.stream.load_state_dict(state["stream"])
 
     def save_adapter(self, adapter: nn.Module, folder: Path) -> None:
         adapter.save_pretrained(folder)
@@ -185,6 +198,6 @@ class AGDTask(TrainingTask):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`--config file.yaml [--field value ...]` -> one training run; returns `train`'s summary dict."""
-    cfg = parse_config(AGDTrainConfig, argv)
-    return train(cfg, AGDTask)
+    """`--config file.yaml [--field value ...]` -> one training run; returns `train`'s summary dict. What the user
+    can fix ends the process with one `error:` line and exit status 2 (`adapter_studio.train.loop.run_cli`)."""
+    return run_cli(AGDTrainConfig, AGDTask, argv)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, IterableDataset
 
-from adapter_studio.errors import CheckpointError
+from adapter_studio.errors import CheckpointError, StudioError
 from adapter_studio.train.config import ConfigError, parse_config
 
 FORMAT = "adapter-studio/agd-trajectories"
@@ -81,6 +82,13 @@ class TrajectoryConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not self.max_disk_mb > 0:
+            raise ConfigError(f"max_disk_mb must be > 0, got {self.max_disk_mb}")
+        for key in ("height", "width"):
+            if getattr(self, key) is not None and getattr(self, key) < 8:
+                raise ConfigError(f"{key} must be >= 8 (or none: the model's resolution), got {getattr(self, key)}")
 
     def prompt_list(self) -> list[str]:
         prompts = list(self.prompts)
@@ -371,10 +379,14 @@ class TrajectoryDataset(Dataset):
         if not index_path.is_file():
             raise CheckpointError(f"{self.folder} holds no trajectory set (no index.json); "
                                   "make one with `python train/agd_trajectories.py --config ...`")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+        try:
+            self.index = json.loads(index_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{index_path} is not JSON ({e}): record the trajectories again") from None
+        found = self.index if isinstance(self.index, dict) else {}
+        if found.get("format") != FORMAT or found.get("version") != VERSION:
             raise CheckpointError(f"{index_path}: not a {FORMAT} v{VERSION} index "
-                                  f"(format {self.index.get('format')!r}, version {self.index.get('version')!r})")
+                                  f"(format {found.get('format')!r}, version {found.get('version')!r})")
         self.rows: list[tuple[int, int]] = []
         for s, shard in enumerate(self.index["shards"]):
             if not (self.folder / shard["file"]).is_file():
@@ -436,6 +448,9 @@ class StreamingTrajectories(IterableDataset):
         epoch_records: records per "epoch" (what `len` reports, so the shared loop can count batches).
         pool_trajectories: trajectories held at once; records are drawn at random from the pool, which is
             topped up with a freshly sampled trajectory whenever one trajectory's worth of records was drawn.
+
+    `state_dict` / `load_state_dict` carry the position in the plan, the pool and the draw RNG, so a run resumed
+    from a checkpoint draws exactly the records the uninterrupted run would have (taken between two `__iter__`s).
     """
 
     def __init__(self, pipe: Any, cfg: TrajectoryConfig, epoch_records: int, pool_trajectories: int = 8,
@@ -469,6 +484,17 @@ class StreamingTrajectories(IterableDataset):
         if excess > 0:
             del self.pool[:excess]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Position, pool and RNG (tensors, numbers and tuples only: read back with `weights_only=True`)."""
+        return {"rng": self.rng.getstate(), "next_call": self.next_call, "pool": list(self.pool), "drawn": self.drawn,
+                "generated": self.generated, "per_traj": self.per_traj}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.next_call, self.drawn = int(state["next_call"]), int(state["drawn"])
+        self.generated, self.per_traj = int(state["generated"]), int(state["per_traj"])
+        self.pool = list(state["pool"])
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.generated < self.pool_trajectories:
             self._sample_more()
@@ -482,7 +508,11 @@ class StreamingTrajectories(IterableDataset):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`--config file.yaml [--field value ...]` -> trajectories on disk; returns the exit status."""
-    cfg = parse_config(TrajectoryConfig, argv)
-    generate_to_disk(cfg)
+    """`--config file.yaml [--field value ...]` -> trajectories on disk; returns the exit status (2 with one
+    `error:` line for what the user can fix)."""
+    try:
+        generate_to_disk(parse_config(TrajectoryConfig, argv))
+    except StudioError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
     return 0

@@ -80,7 +80,14 @@ class IPForwardState:
         store = self.cache if self.cache is not None else self.local
         val = store.get(key)
         if val is None:
-            val = store[key] = make()
+            val = make()
+            # A value with autograd history (keys/values from the trained to_k_ip/to_v_ip) is never reused: under
+            # gradient checkpointing a block's recomputation must record the same ops as its first run, and a memo
+            # hit would skip them (torch: "A different number of tensors was saved"). Each layer's key is asked
+            # once per forward, so this costs nothing outside the recomputation.
+            tensors = val if isinstance(val, tuple) else (val,)
+            if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+                store[key] = val
         return val
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from adapter_studio.stack import AdapterStack
-from adapter_studio.train.config import ConfigError, TrainConfig, parse_config
-from adapter_studio.train.loop import TrainingTask, train
+from adapter_studio.train.config import ConfigError, DataError, TrainConfig
+from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main, warn
 
 from .adapter import IPAdapter
 from .formats import load_ip_adapter, save_original
@@ -61,11 +63,18 @@ class IPAdapterTrainConfig(TrainConfig):
     ti_drop_rate: float = 0.05
     cache_image_embeds: bool = False
     export_original: bool = True
-    validation_images: list | None = None  # paths; default: the first two training images
-    validation_prompts: list | None = None  # one per image; default: their captions
+    validation_images: list[str] | None = None  # paths; default: the first two training images
+    validation_prompts: list[str] | None = None  # one per image; default: their captions
     validation_num_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
-    make_demo_data: int = 0  # > 0: write that many generated images into data_dir first if it has no metadata.jsonl
+    # > 0: generate that many demo images into data_dir when that folder does not exist yet and data_dir was given
+    # where make_demo_data was (both in the YAML file, or both on the command line): a typo'd --data_dir is an error,
+    # not a new folder of demo images
+    make_demo_data: int = 0
+
+    RESUMABLE: ClassVar[frozenset[str]] = TrainConfig.RESUMABLE | {
+        "validation_images", "validation_prompts", "validation_num_inference_steps", "validation_guidance_scale",
+        "cache_image_embeds", "export_original", "make_demo_data"}
 
     def validate(self) -> None:
         super().validate()
@@ -75,8 +84,18 @@ class IPAdapterTrainConfig(TrainConfig):
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
         rates = (self.i_drop_rate, self.t_drop_rate, self.ti_drop_rate)
-        if min(rates) < 0 or sum(rates) > 1:
+        if not min(rates) >= 0 or not sum(rates) <= 1:
             raise ConfigError(f"drop rates must be >= 0 and sum to <= 1, got {rates}")
+        for key in ("resolution", "num_tokens", "make_demo_data", "validation_num_inference_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.caption_column:
+            raise ConfigError("caption_column is empty")
+
+    def wants_demo_data(self) -> bool:
+        """Whether `make_demo_data` applies to `data_dir` (both given in the same place, see the field)."""
+        cli = getattr(self, "cli_fields", frozenset())
+        return bool(self.make_demo_data and self.data_dir) and (("make_demo_data" in cli) == ("data_dir" in cli))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -113,35 +132,108 @@ def write_demo_data(folder: str | Path, count: int, size: int = 96, seed: int = 
 
 
 def load_records(cfg: IPAdapterTrainConfig) -> list[tuple[Path, str]]:
-    """`(image path, caption)` pairs from the original JSON list or an imagefolder's metadata.jsonl."""
+    """`(image path, caption)` pairs from the original JSON list or an imagefolder's metadata.jsonl.
+
+    Every malformed entry is a `DataError` naming the file and line (metadata.jsonl) or entry (data_json). Captions
+    missing under the caption key are counted: all missing is refused (the key is probably another one), some
+    missing is a warning (those images train with the empty caption).
+    """
     if cfg.data_json:
         path = Path(cfg.data_json)
         if not path.is_file():
             raise ConfigError(f"data_json {path} does not exist")
         try:
-            rows = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"data_json {path} is not JSON: {e}") from None
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DataError(f"data_json {path} is not a JSON file: {_short(e)}") from None
         if not isinstance(rows, list):
-            raise ConfigError(f"data_json {path} must hold a list of {{'image_file', 'text'}} objects")
+            raise DataError(f"data_json {path} must hold a list of {{'image_file', 'text'}} objects")
         root, key_img, key_txt = Path(cfg.data_root), "image_file", "text"
+        where = [f"{path} entry {i}" for i in range(len(rows))]
     else:
-        meta = Path(cfg.data_dir) / "metadata.jsonl"
-        if not meta.is_file():
-            raise ConfigError(f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention)")
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        path = Path(cfg.data_dir) / "metadata.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention: one JSON "
+                              "line per image, {\"file_name\": ..., \"text\": ...})")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        rows, where = [], []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path} line {n}: not a JSON object ({_short(e)})") from None
+            where.append(f"{path} line {n}")
         root, key_img, key_txt = Path(cfg.data_dir), "file_name", cfg.caption_column
-    records = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or key_img not in row:
-            raise ConfigError(f"data row {i} lacks {key_img!r}: {row!r}")
+    records, missing_caption = [], 0
+    for row, at in zip(rows, where):
+        if not isinstance(row, dict) or not isinstance(row.get(key_img), str) or not row[key_img]:
+            raise DataError(f"{at}: needs {key_img!r} (a file name), got {_short(row)}")
         img = root / row[key_img]
-        if not img.is_file():
-            raise ConfigError(f"data row {i}: image {img} does not exist")
-        records.append((img, str(row.get(key_txt, ""))))
+        try:
+            exists = img.is_file()
+        except (OSError, ValueError):  # a name with a NUL byte or too long for the filesystem
+            exists = False
+        if not exists:
+            raise DataError(f"{at}: image {img} does not exist")
+        caption = row.get(key_txt)
+        if caption is None:
+            missing_caption += 1
+            caption = ""
+        elif not isinstance(caption, (str, int, float)) or isinstance(caption, bool):
+            raise DataError(f"{at}: caption {key_txt!r} must be a string, got {_short(caption)}")
+        records.append((img, str(caption)))
     if not records:
-        raise ConfigError("the training data is empty")
+        raise DataError(f"the training data in {path} is empty")
+    if missing_caption == len(records):
+        keys = sorted({k for r in rows for k in r} - {key_img})
+        raise DataError(f"{path}: no entry has a caption under {key_txt!r} (other keys: {', '.join(keys) or 'none'})"
+                        + ("; set --caption_column to the right key" if cfg.data_dir else ""))
+    if missing_caption:
+        warn(f"{missing_caption} of {len(records)} entries in {path} have no caption under {key_txt!r}: they train "
+             "with the empty caption")
     return records
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_image(path: Path) -> Any:
+    """The image at `path` as RGB, fully decoded; a file that is not a readable image is a `DataError` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    # PIL reports broken files as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
+    # its decompression-bomb guard
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"image {path} cannot be read ({_short(e)}): fix it or remove its entry") from None
+
+
+def verify_images(records: list[tuple[Path, str]]) -> None:
+    """Decode every training image once (JPEGs at 1/8 scale: still the whole file); refuse if any is unreadable,
+    naming the first few. Runs before training when the embedding cache (which reads every image) is off."""
+    from PIL import Image
+
+    bad = []
+    for path, _ in records:
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (im.width // 8 or 1, im.height // 8 or 1))
+                im.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            bad.append(f"{path} ({_short(e, 60)})")
+    if bad:
+        raise DataError(f"{len(bad)} of {len(records)} training images cannot be read: {'; '.join(bad[:3])}"
+                        f"{'; ...' if len(bad) > 3 else ''}: fix them or remove their entries")
 
 
 class IPAdapterDataset(Dataset):
@@ -156,10 +248,7 @@ class IPAdapterDataset(Dataset):
         return len(self.records)
 
     def image(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.records[i][0]) as im:
-            return im.convert("RGB")
+        return read_image(self.records[i][0])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         import numpy as np
@@ -253,11 +342,14 @@ class IPAdapterTask(TrainingTask):
         from adapter_studio.presets import load_pipeline
 
         cfg, acc = self.cfg, self.accelerator
-        if cfg.make_demo_data and cfg.data_dir and not (Path(cfg.data_dir) / "metadata.jsonl").is_file():
-            if acc is None or acc.is_main_process:
-                write_demo_data(cfg.data_dir, cfg.make_demo_data, seed=cfg.seed)
-            if acc is not None:
-                acc.wait_for_everyone()
+        if cfg.data_dir:  # every process calls in (it waits for the main one), whatever it sees on the disk
+            run_on_main(acc, self._demo_data)
+        # the data is read (and, without the embedding cache, every image decoded) before the model loads: a data
+        # error costs seconds, not a model load; the main process reports it once for all
+        records = run_on_main(acc, lambda: load_records(cfg))
+        self.records = records if records is not None else load_records(cfg)
+        if not cfg.cache_image_embeds:
+            run_on_main(acc, lambda: verify_images(self.records))
         pipe = load_pipeline(cfg.model)
         if pipe.image_encoder is None or pipe.feature_extractor is None:
             raise ConfigError(f"model {cfg.model!r} has no image encoder; IP-Adapter training needs one "
@@ -282,7 +374,6 @@ class IPAdapterTask(TrainingTask):
             if self.weight_dtype != torch.float32:
                 m.to(dtype=self.weight_dtype)
 
-        self.records = load_records(cfg)
         tmp_ds = IPAdapterDataset(self.records, pipe.tokenizer, pipe.feature_extractor, self.resolution)
         with torch.no_grad():  # the dropped image: zero embedding (base) or the encoder on a zero image
             if hidden:
@@ -302,6 +393,24 @@ class IPAdapterTask(TrainingTask):
             pipe.image_encoder.to("cpu")  # not needed on the device any more (validation encodes on the CPU)
         return model, adapter
 
+    def _demo_data(self) -> None:
+        """A missing `data_dir`: write `make_demo_data` demo images into it when asked (see the field), else refuse."""
+        cfg, folder = self.cfg, Path(self.cfg.data_dir)
+        if folder.exists():
+            return
+        if not cfg.wants_demo_data():
+            hint = ""
+            if cfg.make_demo_data:
+                hint = (" (make_demo_data in the config file writes demo images only into the config's own data_dir; "
+                        "add --make_demo_data N to write them into this one)")
+            raise ConfigError(f"data_dir {folder} does not exist{hint}")
+        # written beside and renamed: a run killed while writing leaves no half-filled data folder behind
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_demo_data(tmp, cfg.make_demo_data, seed=cfg.seed)
+        os.replace(tmp, folder)
+        warn(f"wrote {cfg.make_demo_data} generated demo images into {folder} (make_demo_data)")
+
     def _cached_embeds(self, dataset: IPAdapterDataset, hidden: bool, device: torch.device) -> torch.Tensor:
         """Image embeddings of the whole dataset, computed once by the main process and shared through a file."""
         from safetensors.torch import load_file, save_file
@@ -310,15 +419,16 @@ class IPAdapterTask(TrainingTask):
         key = hashlib.sha256(json.dumps([[str(p), p.stat().st_mtime_ns] for p, _ in self.records]
                                         + [self.cfg.model, hidden]).encode()).hexdigest()[:16]
         path = Path(self.cfg.output_dir) / "cache" / f"image_embeds-{key}.safetensors"
-        main = acc is None or acc.is_main_process
-        if main and not path.is_file():
-            embeds = compute_embeds(dataset, self.pipe.image_encoder, hidden, device)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"image_embeds": embeds.contiguous()}, str(tmp))
-            tmp.replace(path)
-        if acc is not None:
-            acc.wait_for_everyone()
+
+        def compute() -> None:  # every image is decoded here: an unreadable one is a DataError naming it
+            if not path.is_file():
+                embeds = compute_embeds(dataset, self.pipe.image_encoder, hidden, device)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                save_file({"image_embeds": embeds.contiguous()}, str(tmp))
+                tmp.replace(path)
+
+        run_on_main(acc, compute)
         return load_file(str(path))["image_embeds"]
 
     def dataloader(self) -> DataLoader:
@@ -372,6 +482,6 @@ class IPAdapterTask(TrainingTask):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`--config file.yaml [--field value ...]` -> one training run; returns `train`'s summary dict."""
-    cfg = parse_config(IPAdapterTrainConfig, argv)
-    return train(cfg, IPAdapterTask)
+    """`--config file.yaml [--field value ...]` -> one training run; returns `train`'s summary dict. What the user
+    can fix ends the process with one `error:` line and exit status 2 (`adapter_studio.train.loop.run_cli`)."""
+    return run_cli(IPAdapterTrainConfig, IPAdapterTask, argv)

@@ -1,7 +1,8 @@
 """Adapter Studio: `python app.py` serves the Gradio studio on 127.0.0.1:7860 with the tiny built-in model.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model tiny-sd15 | sd15 | owner/name | /path/to/diffusers]
-                  [--models-dir models] [--outputs-dir outputs] [--max-concurrency 1] [--share]
+                  [--models-dir models] [--outputs-dir outputs] [--max-concurrency 1] [--max-pixel-steps 8M]
+                  [--adapter-cache-mb 2048] [--share]
 
 No download happens by default: the tiny model is built from configs. See docs/app.md for the API endpoints.
 """
@@ -12,6 +13,18 @@ import argparse
 import logging
 import os
 import sys
+
+
+def parse_count(text: str) -> int:
+    """A count with an optional K / M / G suffix (powers of 1000): "8M" = 8000000."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count like 8000000 or 8M") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return int(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generations running at once; each holds its own copy of the model (1)")
     p.add_argument("--queue-size", type=int, default=64, help="most requests waiting in the queue (64)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--max-pixel-steps", type=parse_count, default=None,
+                   help="most work one request may ask for, width x height x steps x images (x frames), e.g. 8M; "
+                        "0 = no budget (default by device: 7.9M on cpu = 512x512 at 30 steps, 210M on cuda)")
+    p.add_argument("--adapter-cache-mb", type=int, default=2048,
+                   help="memory for loaded adapters kept between calls, in MiB of parameters (2048; 0 = none)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return p.parse_args(argv)
 
@@ -38,12 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from adapter_studio.errors import StudioError
     from adapter_studio.webapp.engine import Engine
+    from adapter_studio.webapp.limits import Limits
+    from adapter_studio.webapp.logs import limit_log_lines
     from adapter_studio.webapp.training_runner import TrainingRunner
     from adapter_studio.webapp.ui import CSS, build_app, theme
 
+    limit_log_lines()  # after the imports: diffusers and transformers set up their own log handlers on import
     try:
         engine = Engine(model=args.model, models_dir=args.models_dir, outputs_dir=args.outputs_dir,
-                        max_concurrency=args.max_concurrency, device=args.device)
+                        max_concurrency=args.max_concurrency, device=args.device,
+                        limits=Limits(max_pixel_steps=args.max_pixel_steps),
+                        adapter_cache_bytes=args.adapter_cache_mb * 2**20)
         engine.warmup()
     except StudioError as e:
         sys.exit(f"app.py: {e}")

@@ -1,4 +1,5 @@
-"""The README's run command: `python app.py` (what `make run` starts) serves the studio over HTTP."""
+"""The README's run command: `python app.py` (what `make run` starts) serves the studio over HTTP, and its log
+stays readable (no trace for a user error, no 20k-character prompt)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from app_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_python_app_py_serves_the_studio(tmp_path):
+def test_python_app_py_serves_the_studio_and_keeps_its_log_short(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
     port = free_port()
     log = open(tmp_path / "app.log", "wb")
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port),
@@ -30,6 +36,11 @@ def test_python_app_py_serves_the_studio(tmp_path):
                 time.sleep(0.5)
         assert status == 200, (tmp_path / "app.log").read_text()[-3000:]
         assert "Adapter Studio" in body  # the page (title + config) is the studio, not an error page
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        long_prompt = "a small red fox asleep in the snow " * 600  # 21k characters, far over CLIP's 77 tokens
+        client.predict(long_prompt, "", 1, 1, 64, 64, "DDIM", "auto", 7.5, 1, "[]", [], api_name="/generate")
+        with pytest.raises(AppError, match="whole number"):
+            client.predict("a fox", "", 1, 2.5, 64, 64, "DDIM", "auto", 7.5, 1, "[]", [], api_name="/generate")
     finally:
         proc.terminate()
         try:
@@ -38,6 +49,11 @@ def test_python_app_py_serves_the_studio(tmp_path):
             proc.kill()
             proc.wait(5)
         log.close()
+    lines = (tmp_path / "app.log").read_text().splitlines()
+    assert not [line for line in lines if "Traceback" in line], "a user error is no trace"
+    assert len([line for line in lines if "whole number" in line]) == 1, "a user error is one log line"
+    assert max(map(len, lines)) < 1000, "long messages (diffusers quoting the cut prompt) are shortened"
+    assert any("prompt 'a small red fox" in line and "21000 chars" in line for line in lines)
 
 
 def test_an_unknown_model_is_a_one_line_error_not_a_trace(tmp_path):

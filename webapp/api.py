@@ -53,12 +53,13 @@ Full reference: `docs/app.md`.
 
 
 def _int(v: Any, name: str) -> int:
+    """A whole number sent as int or float (20 or 20.0); anything else is refused, never rounded."""
     try:
         f = float(v)
     except (TypeError, ValueError):
         raise MixError(f"{name} must be a number, got {v!r}") from None
     if not f.is_integer():
-        raise MixError(f"{name} must be an integer, got {v!r}")
+        raise MixError(f"{name} must be a whole number, got {v!r}: this server does not round it")
     return int(f)
 
 
@@ -108,14 +109,13 @@ class Api:
 
     def register(self) -> None:
         """Add the endpoints (hidden components for the ones taking files or galleries) to the current Blocks."""
-        with gr.Column(visible=False):
+        with gr.Column(visible=False):  # integers arrive as sent (no `precision`, which rounds 2.5): `_int` refuses
             a_prompt, a_neg = gr.Textbox(), gr.Textbox()
-            a_seed, a_steps = gr.Number(value=-1, precision=0), gr.Number(value=20, precision=0)
-            a_w = gr.Number(value=self.engine.default_size, precision=0)
-            a_h = gr.Number(value=self.engine.default_size, precision=0)
+            a_seed, a_steps = gr.Number(value=-1), gr.Number(value=20)
+            a_w, a_h = gr.Number(value=self.engine.default_size), gr.Number(value=self.engine.default_size)
             a_sampler = gr.Dropdown(list(SAMPLERS), value="DDIM")
             a_guid = gr.Dropdown(guidance_choices(), value="auto")
-            a_scale, a_count = gr.Number(value=7.5), gr.Number(value=1, precision=0)
+            a_scale, a_count = gr.Number(value=7.5), gr.Number(value=1)
             a_units = gr.Textbox(value="[]")
             a_images = gr.File(file_count="multiple", type="filepath")
             a_gallery = gr.Gallery(format="png")

@@ -2,54 +2,56 @@
 
 Everything the UI and the API generate goes through one path: a `Mix` (model, sampling settings, adapter units)
 is completed (seed drawn, the model's size filled in, weights resolved and hashed, input images stored), checked
-(every reason it cannot run, in one message), loaded into a pooled `StudioPipeline` with
-`adapter_studio.mix.apply_mix`, and sampled; `outputs.write_outputs` writes each image with its own mix.
+(every reason it cannot run, in one message), loaded into a pooled `StudioPipeline` as
+`adapter_studio.mix.apply_mix` would, and sampled; `outputs.write_outputs` writes each image with its own mix.
 
 The engine knows no family: what a unit needs comes from its `Family` (weights files, fields, guidance mode, model
 kinds). The sampling defaults live in the mix schema (`adapter_studio.mix.Sampling`); the engine adds only this
-server's limits (largest side, steps, images per call, input sizes). It works without Gradio.
+server's limits (`limits.Limits`: largest side, steps, images per call, input sizes, the pixel×step budget). Adapters
+load through `adapter_cache` (a weights file is read once), generations are tracked per session by `jobs` (Cancel
+reaches queued ones too). It works without Gradio.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from adapter_studio.errors import MixError, StudioError
-from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec, apply_mix
+from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec
 from adapter_studio.presets import load_preset
 from adapter_studio.registry import families, get_family, guidance_families
 
+from .adapter_cache import AdapterCache
 from .export import call_arguments
+from .jobs import Cancelled, Jobs
+from .limits import Limits, budget_problem
+from .logs import shorten
 from .outputs import MAX_SEED, GenerationResult, write_outputs
 from .pool import BUILD_LOCK, PipelinePool
 from .stores import InputStore, WeightsStore, check_readable, weights_folder
+from .tokens import PromptTokens, count_tokens
 
 GUIDANCE_FIXED = ("auto", "cfg")
+ADAPTER_CACHE_BYTES = 2 * 2**30  # loaded adapters kept in memory (`--adapter-cache-mb`)
+
+log = logging.getLogger("adapter_studio.app")
 
 
 class GenerationCancelled(StudioError):
-    """The user pressed Cancel; raised from the step callback to stop sampling."""
+    """The user pressed Cancel: raised from the step callback to stop sampling, or before a queued generation starts
+    (`before_start`)."""
 
-
-@dataclass
-class Limits:
-    """Caps on what one request may ask for (keeps a shared server responsive)."""
-
-    min_side: int = 64  # output width/height
-    max_side: int = 2048
-    max_steps: int = 150
-    max_images: int = 8
-    max_input_pixels: int = 4096 * 4096  # per uploaded image
-    max_input_bytes: int = 32 * 1024 * 1024
+    def __init__(self, message: str, before_start: bool = False):
+        super().__init__(message)
+        self.before_start = before_start
 
 
 def guidance_choices() -> list[str]:
@@ -66,12 +68,13 @@ class Engine:
         outputs_dir: where PNGs, sidecars and stored input images (`outputs_dir/inputs/`) go.
         max_concurrency: most pipelines held (each runs one call at a time).
         device, dtype: where the pipelines run (default: cuda + fp16 when available, else cpu + fp32).
-        limits: this server's caps.
+        limits: this server's caps (the pixel×step budget by default by device).
+        adapter_cache_bytes: most bytes of adapter parameters kept loaded (`adapter_cache.AdapterCache`; 0 = none).
     """
 
     def __init__(self, model: str = "tiny-sd15", models_dir: str | Path = "models", outputs_dir: str | Path = "outputs",
                  max_concurrency: int = 1, device: str | None = None, dtype: torch.dtype | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, adapter_cache_bytes: int = ADAPTER_CACHE_BYTES):
         self.model = model
         self.preset = load_preset(model)  # fails fast (PresetError) on an unknown model
         self.limits = limits or Limits()
@@ -82,9 +85,12 @@ class Engine:
         self.inputs_dir = self.inputs.root
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        self.pixel_step_budget = self.limits.pixel_step_budget(self.device)
         self.pool = PipelinePool(model, self.device, dtype, max_concurrency)
         self.max_concurrency = self.pool.max_concurrency
-        self._cancel: dict[str, threading.Event] = {}
+        self.adapters = AdapterCache(adapter_cache_bytes)
+        self.jobs = Jobs()
+        self._tokenizer: Any = None
 
     @property
     def default_size(self) -> int:
@@ -102,6 +108,13 @@ class Engine:
     def unet_config(self) -> dict[str, Any]:
         with self.pool.borrow() as sp:
             return dict(sp.pipe.unet.config)
+
+    def prompt_tokens(self, text: str) -> PromptTokens:
+        """Tokens of `text` in the model's (first) text encoder, and the part it cuts."""
+        if self._tokenizer is None:  # kept from the first pipeline: counting must not wait for a free one
+            with self.pool.borrow() as sp:
+                self._tokenizer = sp.pipe.tokenizer
+        return count_tokens(self._tokenizer, text)
 
     # ------------------------------------------------------------------ weights
     def list_weights(self, family: str | None, index: int = 0) -> list[str]:
@@ -177,6 +190,9 @@ class Engine:
             v = getattr(s, key)
             if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:
                 out.append(f"{key} must be an integer in [{lo}, {hi}] on this server, got {v}")
+        if not out and not s.problems():
+            over = budget_problem(s, self.pixel_step_budget, self.device, lim.min_side)
+            out += [over] if over else []
         for i, u in enumerate(mix.units):
             if u.enabled and u.sample_mask is not None and len(u.sample_mask) != s.num_images:
                 out.append(f"unit {i + 1}: sample_mask has {len(u.sample_mask)} entries; the call makes "
@@ -271,34 +287,62 @@ class Engine:
         return problems
 
     # ------------------------------------------------------------------ generation
-    def cancel(self, session: str | None) -> bool:
-        """Ask the running call of `session` to stop at its next step; True when one was running."""
-        ev = self._cancel.get(session or "")
-        if ev is None:
-            return False
-        ev.set()
-        return True
+    def queue(self, session: str | None) -> str:
+        """A ticket for a generation of `session` about to wait in the queue (`jobs`); pass it to `generate`."""
+        return self.jobs.queue(session or "")
+
+    def cancel(self, session: str | None) -> Cancelled:
+        """Cancel every generation of `session`: running ones stop at their next step, queued ones will not run."""
+        return self.jobs.cancel(session or "")
 
     def generate(self, mix: Mix, uploads: dict[str, Path] | None = None, session: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Run `mix` (completed and checked first) and write its outputs. See the module docstring."""
-        mix = self.complete_mix(mix, uploads)
-        session = session or uuid.uuid4().hex
-        cancel = threading.Event()
-        self._cancel[session] = cancel
-        t0 = time.perf_counter()
+                 progress: Callable[[int, int], None] | None = None, ticket: str | None = None) -> GenerationResult:
+        """Run `mix` (completed and checked first) and write its outputs. See the module docstring.
+
+        `ticket` (from `queue`) is the generation's place among its session's; raises `GenerationCancelled` when it
+        was cancelled while queued, before anything runs."""
+        ticket, job = self.jobs.start(ticket, session or "")
         try:
+            if job.cancel.is_set():
+                raise GenerationCancelled("cancelled before it started", before_start=True)
+            mix = self.complete_mix(mix, uploads)
+            tokens = self.prompt_tokens(mix.sampling.prompt)
+            log.info("generate: %s", self._describe(mix, tokens))
+            t0 = time.perf_counter()
             with self.pool.borrow() as sp:
-                out = self._run(sp, mix, cancel, progress)
+                if job.cancel.is_set():  # cancelled while waiting for a free pipeline
+                    raise GenerationCancelled("cancelled before it started", before_start=True)
+                out = self._run(sp, mix, job.cancel, progress)
         finally:
-            if self._cancel.get(session) is cancel:
-                del self._cancel[session]
-        return write_outputs(mix, out, self.outputs_dir, time.perf_counter() - t0)
+            self.jobs.finish(ticket)
+        res = write_outputs(mix, out, self.outputs_dir, time.perf_counter() - t0)
+        if tokens.over:
+            res.info += f" · prompt cut to its first {tokens.limit} tokens"
+        return res
+
+    @staticmethod
+    def _describe(mix: Mix, tokens: PromptTokens) -> str:
+        """One log line of a generation (the prompt shortened: it may be thousands of characters)."""
+        s = mix.sampling
+        cut = f", cut at {tokens.limit}" if tokens.over else ""
+        return (f"{s.num_images} image(s) {s.width}x{s.height}, {s.steps} steps {s.sampler}, "
+                f"{len(mix.units)} unit(s), prompt {shorten(s.prompt)!r} ({tokens.count} tokens{cut})")
+
+    def _load_units(self, sp: Any, mix: Mix) -> None:
+        """Put the completed mix's units into the borrowed pipeline's stack (empty; the pool clears it again however
+        the call ends), each adapter a copy from the adapter cache: the same slots, scales, windows and inputs as
+        `adapter_studio.mix.apply_mix` (which the Python export runs), which reads every weights file every time."""
+        for i, unit in enumerate(mix.units):
+            fam = get_family(unit.family)
+            paths = {k: str(self.weights.resolve(v)) if v else None for k, v in fam.weights_dict(unit.weights).items()}
+            adapter = self.adapters.get(fam, paths, fam.weights_dict(unit.sha256), self.model, sp.pipe)
+            sp.add(adapter, name=unit.name or f"{unit.family}{i}", scale=unit.scale, start=unit.start, end=unit.end,
+                   sample_mask=unit.sample_mask, **fam.inputs_from_json(unit.inputs, self.models_dir))
 
     def _run(self, sp: Any, mix: Mix, cancel: threading.Event, progress: Callable[[int, int], None] | None) -> Any:
         s = mix.sampling
         with BUILD_LOCK:
-            apply_mix(mix, sp, base_dir=self.models_dir)
+            self._load_units(sp, mix)
         sp.set_sampler(s.sampler)
         generators = [torch.Generator("cpu").manual_seed(s.seed + i) for i in range(s.num_images)]
 

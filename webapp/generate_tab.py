@@ -2,7 +2,8 @@
 Python export and the files, and settings loaded from an output PNG or a preset.
 
 `forms_to_mix` reads every widget into a `Mix`; `mix_to_updates` is its inverse (used by "Load settings from image"
-and presets). What a unit's form means in a mix is `forms.form_to_unit` / `forms.unit_to_form`.
+and presets). What a unit's form means in a mix is `forms.form_to_unit` / `forms.unit_to_form`. Generate takes a
+ticket (`Engine.queue`) before it waits in the queue, so Cancel reaches a queued generation too.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from adapter_studio.samplers import SAMPLERS
 from .engine import Engine, GenerationCancelled
 from .export import python_snippet
 from .forms import field_visible, form_to_unit, unit_to_form
-from .handlers import friendly_errors, session_of
+from .handlers import session_of, toast_errors
 from .metadata import read_mix
 from .outputs import GenerationResult
 from .stores import PresetStore
+from .tokens import tokens_markdown
 from .widgets import UnitWidgets, build_unit, gallery_paths, tab_label, weights_updates
 
 MAX_UNITS = 6
@@ -77,8 +79,12 @@ class GenerateTab:
                 where=f"unit {u.index + 1} ({fam.label})"))
         return Mix(model=self.engine.model, units=units, sampling=sampling)
 
-    def mix_to_updates(self, mix: Mix) -> tuple[dict[Any, Any], list[str]]:
-        """A mix -> updates for every widget (the inverse of `forms_to_mix`), plus warnings to show."""
+    def mix_to_updates(self, mix: Mix,
+                       families_now: list[str | None] | None = None) -> tuple[dict[Any, Any], list[str]]:
+        """A mix -> updates for every widget (the inverse of `forms_to_mix`), plus warnings to show.
+
+        Every unit's tab label is set here; `families_now` (the units' current families) labels the units the mix
+        leaves off, which keep their family and are switched off."""
         warnings: list[str] = []
         s = mix.sampling
         if mix.model != self.engine.model:
@@ -97,8 +103,9 @@ class GenerateTab:
             warnings.append(f"the mix has {len(mix.units)} units; the UI shows the first {MAX_UNITS}")
         known = {f.name: f for f in self.families}
         for i, u in enumerate(self.units):
-            if i >= len(mix.units):  # unused units: off (their tab label follows through enabled.change)
-                upd[u.tab] = gr.update(visible=i < n)
+            if i >= len(mix.units):  # unused units: off, with their own family
+                upd[u.tab] = gr.update(visible=i < n, **({"label": tab_label(i, families_now[i], False)}
+                                                         if families_now is not None else {}))
                 upd[u.enabled] = False
                 continue
             spec = mix.units[i]
@@ -166,22 +173,37 @@ class GenerateTab:
                 f"**Done** · {res.info}", res.mix.to_json(), python_snippet(res.mix, self.engine.models_dir),
                 res.mix.sampling.seed]
 
-    def generate_ui(self, v: dict[Any, Any], request: gr.Request, progress: Any = gr.Progress()) -> list[Any]:
+    def queue_job(self, request: gr.Request) -> str:
+        """Generate's first step, outside the queue: the ticket Cancel reaches while the generation waits."""
+        return self.engine.queue(session_of(request))
+
+    def generate_ui(self, v: dict[Any, Any], request: gr.Request, progress: Any = gr.Progress()) -> Any:
         """The Generate button (named apart from `generate`: Gradio names an event after its handler, and the public
         `/generate` endpoint must keep its name)."""
-        mix = self.forms_to_mix(v, int(v[self.n_units]))
+        try:
+            mix = self.forms_to_mix(v, int(v[self.n_units]))
+        except Exception:
+            self.engine.jobs.finish(v[self.ticket])  # it never reaches the engine
+            raise
         progress(0, desc="Loading adapters")
         try:
-            res = self.engine.generate(mix, session=session_of(request),
+            res = self.engine.generate(mix, session=session_of(request), ticket=v[self.ticket],
                                        progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
         except GenerationCancelled as e:  # not an error: keep the last result on screen
+            if e.before_start:  # Cancel said so when it was pressed
+                return gr.skip()
             gr.Warning(f"Cancelled {str(e).removeprefix('cancelled ')}")
             return [gr.skip()] * 3 + [f"**Cancelled** {str(e).removeprefix('cancelled ')}"] + [gr.skip()] * 3
         return self.result_updates(res)
 
-    def cancel(self, request: gr.Request) -> None:
-        if self.engine.cancel(session_of(request)):
-            gr.Info("Cancelling at the next step…")
+    def cancel(self, request: gr.Request) -> Any:
+        """Cancel this page's generations, running or queued, and say what was cancelled."""
+        what = self.engine.cancel(session_of(request))
+        gr.Info(what.message())
+        return f"**{what.message()}**" if what.running or what.queued else gr.skip()
+
+    def count_tokens(self, prompt: str, negative: str) -> str:
+        return tokens_markdown(self.engine.prompt_tokens(prompt or ""), self.engine.prompt_tokens(negative or ""))
 
     def save_preset(self, name: str, v: dict[Any, Any]) -> Any:
         mix = self.forms_to_mix(v, int(v[self.n_units]))
@@ -189,14 +211,14 @@ class GenerateTab:
         gr.Info(f"Saved preset {saved!r} ({len(mix.units)} unit(s))")
         return gr.update(choices=self.presets.names(), value=saved)
 
-    def load_preset(self, name: str) -> dict[Any, Any]:
-        return self._load_mix(self.presets.load(name))
+    def load_preset(self, name: str, *families_now: str | None) -> dict[Any, Any]:
+        return self._load_mix(self.presets.load(name), list(families_now))
 
-    def load_from_file(self, file: str | None) -> dict[Any, Any]:
-        return self._load_mix(read_mix(file)) if file else {}
+    def load_from_file(self, file: str | None, *families_now: str | None) -> dict[Any, Any]:
+        return self._load_mix(read_mix(file), list(families_now)) if file else {}
 
-    def _load_mix(self, mix: Mix) -> dict[Any, Any]:
-        upd, warnings = self.mix_to_updates(mix)
+    def _load_mix(self, mix: Mix, families_now: list[str | None]) -> dict[Any, Any]:
+        upd, warnings = self.mix_to_updates(mix, families_now)
         for w in warnings:
             gr.Warning(w)
         gr.Info(f"Settings loaded: {len(mix.units)} unit(s), seed {mix.sampling.seed}")
@@ -207,11 +229,15 @@ class GenerateTab:
         size, lim = self.engine.default_size, self.engine.limits
         guiding = [f.label for f in guidance_families().values()]
         self.n_units = gr.State(DEFAULT_UNITS)
+        self.ticket = gr.State(None)
+        budget = self.engine.pixel_step_budget
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):
                 self.prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a watercolor fox in a misty forest",
                                          elem_id="prompt")
-                self.negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                self.negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality",
+                                           elem_id="negative-prompt")
+                self.tokens = gr.Markdown(self.count_tokens("", ""), elem_id="prompt-tokens")
                 with gr.Row(elem_classes=["tight-row"]):
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=4)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
@@ -224,7 +250,9 @@ class GenerateTab:
                         self.count = gr.Slider(1, lim.max_images, value=1, step=1, label="Images", scale=3)
                     with gr.Row(elem_classes=["tight-row"]):
                         self.sampler = gr.Dropdown(list(SAMPLERS), value=Sampling.sampler, label="Sampler", scale=2)
-                        self.steps = gr.Slider(1, lim.max_steps, value=Sampling.steps, step=1, label="Steps", scale=3)
+                        self.steps = gr.Slider(1, lim.max_steps, value=Sampling.steps, step=1, label="Steps", scale=3,
+                                               info=f"this server takes up to {budget / 1e6:.1f} M pixel-steps per "
+                                                    "request (width × height × steps × images)" if budget else None)
                     with gr.Row(elem_classes=["tight-row"]):
                         self.width = gr.Slider(lim.min_side, lim.max_side, value=size, step=8, label="Width")
                         self.height = gr.Slider(lim.min_side, lim.max_side, value=size, step=8, label="Height")
@@ -283,12 +311,18 @@ class GenerateTab:
 
     def _wire(self, gen_btn: Any, cancel_btn: Any, dice: Any, reuse: Any, add_btn: Any, rm_btn: Any,
               settings_file: Any, presets: Any, load_preset_btn: Any, preset_name: Any, save_preset_btn: Any) -> None:
-        inputs = self.all_inputs()
+        inputs = self.all_inputs() | {self.ticket}
         limit = dict(concurrency_id="generate", concurrency_limit=self.engine.max_concurrency)
         for trigger in (gen_btn.click, self.prompt.submit):
-            trigger(friendly_errors(self.generate_ui), inputs=inputs, outputs=self.outputs(), api_visibility="private",
-                    show_progress_on=[self.gallery], **limit)
-        cancel_btn.click(friendly_errors(self.cancel), None, None, queue=False, api_visibility="private")
+            trigger(self.queue_job, None, self.ticket, queue=False, api_visibility="private").success(
+                toast_errors(self.generate_ui), inputs=inputs, outputs=self.outputs(), api_visibility="private",
+                show_progress_on=[self.gallery], **limit)
+        # through the queue (its own concurrency group, so it never waits for a generation): Gradio shows no toast
+        # from an event outside it
+        cancel_btn.click(toast_errors(self.cancel), None, self.info, show_progress="hidden", api_visibility="private")
+        for box in (self.prompt, self.negative):  # as the user types: the last change wins, earlier ones are dropped
+            box.change(toast_errors(self.count_tokens), [self.prompt, self.negative], self.tokens, queue=False,
+                       show_progress="hidden", trigger_mode="always_last", api_visibility="private")
         dice.click(lambda: -1, None, self.seed, queue=False, api_visibility="private")
         reuse.click(lambda s: s if s is not None else -1, self.seed_used, self.seed, queue=False,
                     api_visibility="private")
@@ -306,9 +340,11 @@ class GenerateTab:
         load_outputs = list(dict.fromkeys([self.prompt, self.negative, self.seed, self.steps, self.width, self.height,
                                            self.sampler, self.guidance, self.cfg_scale, self.count, self.frames,
                                            self.fps, self.n_units, *unit_comps]))
-        settings_file.upload(friendly_errors(self.load_from_file), settings_file, load_outputs,
+        families_now = [u.family for u in self.units]  # label the units a loaded mix leaves off
+        settings_file.upload(toast_errors(self.load_from_file), [settings_file, *families_now], load_outputs,
                              api_visibility="private")
-        load_preset_btn.click(friendly_errors(self.load_preset), presets, load_outputs, api_visibility="private")
-        save_preset_btn.click(friendly_errors(lambda v: self.save_preset(v[preset_name], v)),
-                              inputs | {preset_name}, presets, api_visibility="private")
+        load_preset_btn.click(toast_errors(self.load_preset), [presets, *families_now], load_outputs,
+                              api_visibility="private")
+        save_preset_btn.click(toast_errors(lambda v: self.save_preset(v[preset_name], v)),
+                              self.all_inputs() | {preset_name}, presets, api_visibility="private")
 

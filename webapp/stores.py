@@ -45,7 +45,7 @@ class WeightsStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._sha_cache: dict[tuple[str, float, int], str | None] = {}
+        self._sha_cache: dict[tuple[str, int, int], str | None] = {}
 
     def list(self, folder: str | None = None) -> list[str]:
         """Names (relative to the models folder) listed for the weights kept in `folder`: its entries plus the shared
@@ -87,7 +87,7 @@ class WeightsStore:
     def sha256(self, path: Path) -> str | None:
         """sha256 of a weights file or folder, cached by path, mtime and size (hashing a 1 GB file takes seconds)."""
         st = path.stat()
-        key = (str(path), st.st_mtime, st.st_size)
+        key = (str(path), st.st_mtime_ns, st.st_size)  # a rewrite of the same size still changes the key
         if key not in self._sha_cache:
             self._sha_cache[key] = file_sha256(path)
         return self._sha_cache[key]
@@ -119,7 +119,10 @@ class WeightsStore:
             else:
                 raise CheckpointError(f"{name!r} is not a weights file: upload {', '.join(WEIGHT_SUFFIXES)} or a .zip "
                                       "of a diffusers folder (config.json + *.safetensors)")
-            check(candidate)
+            try:
+                check(candidate)
+            except StudioError as e:  # the loader names the staging copy; the user knows the file by its own name
+                raise type(e)(re.sub(rf"[^\s'\"]*{re.escape(staging.name)}/", "", str(e))) from None
             dest_dir = self.root / folder
             dest_dir.mkdir(parents=True, exist_ok=True)
             dest = dest_dir / candidate.name
@@ -169,9 +172,23 @@ class InputStore:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
 
+    def check(self, path: str | os.PathLike, what: str = "image") -> None:
+        """Refuse (`InputImageError` naming the file) what `store` would refuse: not an image, or over the caps."""
+        self._open(Path(path), what)
+
     def store(self, path: str | os.PathLike, what: str = "image") -> Path:
         """Check an uploaded image and keep a PNG copy; returns the stored path (the same for the same pixels)."""
-        src = Path(path)
+        img = self._open(Path(path), what)
+        digest = hashlib.sha256(img.tobytes() + f"{img.mode}{img.size}".encode()).hexdigest()[:20]
+        dest = self.root / f"{digest}.png"
+        if not dest.exists():
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:6]}.tmp")
+            img.save(tmp, format="PNG")
+            os.replace(tmp, dest)
+        return dest
+
+    def _open(self, src: Path, what: str) -> Image.Image:
+        """The uploaded image decoded (RGB, or RGBA when it has transparency), after the size and pixel caps."""
         name = src.name
         if not src.is_file():
             raise InputImageError(f"{what}: file {name!r} not found")
@@ -195,13 +212,7 @@ class InputStore:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise InputImageError(f"{what}: {name!r} is not an image PIL can read ({type(e).__name__}); upload a "
                                   "PNG, JPEG or WebP") from None
-        digest = hashlib.sha256(img.tobytes() + f"{img.mode}{img.size}".encode()).hexdigest()[:20]
-        dest = self.root / f"{digest}.png"
-        if not dest.exists():
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:6]}.tmp")
-            img.save(tmp, format="PNG")
-            os.replace(tmp, dest)
-        return dest
+        return img
 
     def resolve(self, value: Any, uploads: dict[str, Path], where: str) -> str:
         """A mix's image reference -> the path of a stored input image.

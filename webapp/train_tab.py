@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from .engine import Engine
-from .handlers import friendly_errors
+from .handlers import toast_errors
 from .training_runner import TrainingRunner
 
 
@@ -77,11 +77,11 @@ class TrainTab:
         timer = gr.Timer(2.0)
         config.change(lambda c: [self.runner.config_text(c) if c else "", gr.update(label=self.data_label(c))],
                       config, [config_view, data_dir], queue=False, api_visibility="private")
-        start_btn.click(friendly_errors(self.start), [config, data_dir, output_dir, max_steps, extra], status,
+        start_btn.click(toast_errors(self.start), [config, data_dir, output_dir, max_steps, extra], status,
                         api_visibility="private")
-        stop_btn.click(friendly_errors(lambda: status_markdown({**self.runner.status(), "note": self.runner.stop()})),
+        stop_btn.click(toast_errors(lambda: status_markdown({**self.runner.status(), "note": self.runner.stop()})),
                        None, status, api_visibility="private")
-        add_btn.click(friendly_errors(self.add_to_models), None, status, api_visibility="private")
+        add_btn.click(toast_errors(self.add_to_models), None, status, api_visibility="private")
         timer.tick(self.refresh, None, [status, plot, val_img, log_box], queue=False, show_progress="hidden",
                    api_visibility="private")
 

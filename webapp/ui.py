@@ -25,6 +25,8 @@ CSS = """
 #studio-header h1 {margin:0; font-size:1.55rem; letter-spacing:-0.01em}
 #studio-header .sub {opacity:0.7; font-size:0.92rem}
 #studio-header code {font-size:0.85rem}
+#model-notice {border-left:3px solid var(--color-accent); padding:2px 10px; font-size:0.9rem}
+#prompt-tokens p {margin:0; font-size:0.82rem; opacity:0.8}
 #generate-btn {min-height:52px; font-size:1.05rem}
 #cancel-btn {min-height:52px}
 .unit-help p {margin:2px 0 4px 0; opacity:0.75; font-size:0.88rem}
@@ -34,6 +36,16 @@ CSS = """
 .icon-btn {max-width:46px; min-width:46px !important}
 footer {opacity:0.6}
 """
+
+
+def model_notice(engine: Engine) -> str | None:
+    """What the page says about a model with random weights (a `tiny-*` preset), and how to run a real one."""
+    if engine.preset.source != "tiny":
+        return None
+    return (f"**`{engine.model}` has random weights**: a tiny test model built from configs, so its outputs are noise, "
+            "not pictures (it runs in seconds and tests the whole studio). For real images start the studio with a "
+            "real model: `python app.py --model sd15` (Stable Diffusion 1.5 from the hub; `--model sdxl` likewise) "
+            "or `python app.py --model /path/to/a/diffusers-folder`.")
 
 
 def theme() -> gr.themes.Base:
@@ -62,6 +74,9 @@ class StudioApp:
             gr.HTML(f"<div id='studio-header'><h1>Adapter Studio</h1><span class='sub'>mix {labels} on one frozen "
                     f"diffusion model — model <code>{html.escape(self.engine.model)}</code> on "
                     f"<code>{self.engine.device}</code></span></div>")
+            notice = model_notice(self.engine)
+            if notice:
+                gr.Markdown(notice, elem_id="model-notice")
             with gr.Tabs():
                 with gr.Tab("Generate", id="generate"):
                     self.generate.build()

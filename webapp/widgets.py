@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -19,7 +19,8 @@ from adapter_studio.registry import FAMILIES
 
 from .engine import Engine
 from .forms import field_visible
-from .handlers import friendly_errors
+from .handlers import toast_errors
+from .stores import InputImageError
 
 UPLOAD_TYPES = [".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".zip"]
 
@@ -191,17 +192,36 @@ def _wire_unit(u: UnitWidgets, fams: list[Family], engine: Engine, slots: int) -
         gr.Info(f"Weights checked and added: {stored}")
         return gr.update(choices=engine.list_weights(name, 0), value=stored)
 
-    # .input (the user's choice), not .change: loading a mix sets the family and its weights together
-    u.family.input(friendly_errors(on_family), [u.family, u.enabled],
-                   [*u.groups.values(), *u.weights, u.help, u.weight, u.tab], queue=False, api_visibility="private")
-    u.enabled.change(lambda on, name: gr.update(label=tab_label(u.index, name, on)), [u.enabled, u.family], u.tab,
-                     queue=False, api_visibility="private")
-    u.refresh.click(friendly_errors(on_refresh), [u.family, *u.weights], u.weights, queue=False,
-                    api_visibility="private")
-    u.upload.upload(friendly_errors(on_upload), [u.family, u.upload], u.weights[0], api_visibility="private")
+    def images_check(label: str) -> Callable[[Any], Any]:
+        def check_images(value: Any) -> Any:
+            """Refuse a dropped file that is no image when it is dropped (the gallery takes any file named like an
+            image, and Generate would refuse it much later): a toast naming it, and the gallery without it."""
+            paths, kept = gallery_paths(value), []
+            for path in paths:
+                try:
+                    engine.inputs.check(path, f"unit {u.index + 1} {label.lower()}")
+                    kept.append(path)
+                except InputImageError as e:
+                    gr.Warning(f"{e}; removed from the gallery", title="Not an image")
+            return gr.skip() if len(kept) == len(paths) else kept
+
+        return check_images
+
+    # .input (the user's action), not .change: loading a mix sets the family, its weights and the tab label together;
+    # a .change fired by that load can read the family of a unit not yet shown before its new value arrives.
+    # Events that may show a toast go through the queue: Gradio shows no toast from an event outside it.
+    quiet = dict(show_progress="hidden", api_visibility="private")
+    u.family.input(toast_errors(on_family), [u.family, u.enabled],
+                   [*u.groups.values(), *u.weights, u.help, u.weight, u.tab], **quiet)
+    u.enabled.input(lambda on, name: gr.update(label=tab_label(u.index, name, on)), [u.enabled, u.family], u.tab,
+                    queue=False, api_visibility="private")
+    u.refresh.click(toast_errors(on_refresh), [u.family, *u.weights], u.weights, **quiet)
+    u.upload.upload(toast_errors(on_upload), [u.family, u.upload], u.weights[0], api_visibility="private")
     for fam in fams:
         for f in fam.fields:
             comp = u.fields[(fam.name, f.key)]
+            if f.kind == "images":
+                comp.upload(toast_errors(images_check(f.label)), comp, comp, **quiet)
             if f.visible_when and (fam.name, f.visible_when[0]) in u.fields:  # shown only for some value of another
                 u.fields[(fam.name, f.visible_when[0])].change(
                     lambda val, _want=f.visible_when[1]: gr.update(visible=val == _want),
@@ -216,5 +236,5 @@ def _wire_unit(u: UnitWidgets, fams: list[Family], engine: Engine, slots: int) -
                                 for k, v, g in zip(_keys, vals, _fields)})
 
                 for dep in deps:
-                    dep.change(friendly_errors(run_preview), deps, u.previews[(fam.name, f.key)],
+                    dep.change(toast_errors(run_preview), deps, u.previews[(fam.name, f.key)],
                                api_visibility="private")

@@ -15,10 +15,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .block_scale import validate_scale
 from .errors import MixError, StudioError
+from .family import Family
 from .samplers import SAMPLERS
 
 MIX_FORMAT = "adapter-studio/mix"
@@ -274,11 +275,21 @@ def _resolve(path: str | None, base: Path | None) -> str | None:
     return path
 
 
-def apply_mix(mix: Mix, pipeline: Any, base_dir: str | os.PathLike | None = None) -> list[str]:
+#: `(family, unit, weights by key with paths resolved, diffusers pipeline) -> adapter`: how `apply_mix` loads a unit
+UnitLoader = Callable[[Family, UnitSpec, dict[str, "str | None"], Any], Any]
+
+
+def _load_unit(family: Family, unit: UnitSpec, weights: dict[str, str | None], pipe: Any) -> Any:
+    return family.load(weights, pipe)
+
+
+def apply_mix(mix: Mix, pipeline: Any, base_dir: str | os.PathLike | None = None,
+              load: UnitLoader = _load_unit) -> list[str]:
     """Load every enabled unit of `mix` into `pipeline` (a `StudioPipeline`), replacing its current adapters.
 
-    Weights and input paths that are relative are looked up under `base_dir` first. Returns the slot names. On any
-    error the pipeline's stack is left exactly as it was.
+    Weights and input paths that are relative are looked up under `base_dir` first. `load` loads one unit's adapter
+    (default: the family's loader; the studio app passes one that goes through its cache of loaded adapters).
+    Returns the slot names. On any error the pipeline's stack is left exactly as it was.
     """
     from .registry import get_family
 
@@ -288,12 +299,8 @@ def apply_mix(mix: Mix, pipeline: Any, base_dir: str | os.PathLike | None = None
         if not unit.enabled:
             continue
         fam = get_family(unit.family)
-        weights = unit.weights
-        if isinstance(weights, dict):
-            weights = {k: _resolve(v, base) for k, v in weights.items()}
-        else:
-            weights = _resolve(weights, base)
-        adapter = fam.load(weights, pipeline.pipe)
+        weights = {k: _resolve(v, base) for k, v in fam.weights_dict(unit.weights).items()}
+        adapter = load(fam, unit, weights, pipeline.pipe)
         inputs = fam.inputs_from_json(unit.inputs, base)
         loaded.append((unit.name or f"{unit.family}{i}", adapter, unit, inputs))
     stack = pipeline.stack

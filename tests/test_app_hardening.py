@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -370,3 +371,46 @@ def test_browser_form_stays_clean_labels_follow_a_loaded_mix_tokens_count_and_no
             expect(page.locator("[data-testid=status-tracker] .error")).to_have_count(0)
         finally:
             browser.close()
+
+
+def test_stop_waits_for_the_training_process_not_just_the_launcher(tmp_path):
+    """The one-process launcher dies at once on SIGTERM while its child checkpoints: "stopped" only after both."""
+    from adapter_studio.family import Family, TrainingScript
+    from adapter_studio.registry import register_family, unregister_family
+    from adapter_studio.webapp.training_runner import TrainingRunner
+
+    cfgs, scripts = tmp_path / "configs", tmp_path / "scripts"
+    cfgs.mkdir()
+    scripts.mkdir()
+    (cfgs / "grp_test.yaml").write_text("max_steps: 9\n")
+    # a "launcher" that starts a "trainer" in its process group; the trainer answers SIGTERM by "checkpointing" (1 s)
+    (scripts / "child.py").write_text(
+        "import os, signal, sys, time\n"
+        "out = sys.argv[1]\n"
+        "def on_term(*_):\n"
+        "    time.sleep(1.0)\n"
+        "    open(os.path.join(out, 'checkpointed'), 'w').write('yes')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "open(os.path.join(out, 'started'), 'w').write('yes')\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n")
+    (scripts / "launcher.py").write_text(
+        "import subprocess, sys, time\n"
+        "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
+        f"subprocess.Popen([sys.executable, {str(scripts / 'child.py')!r}, out])\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n")
+    register_family(Family(name="grpfam", label="Group family", loader=lambda weights, pipe: None, order=1,
+                           training=(TrainingScript("scripts/launcher.py", "grp_*.yaml", data_key=None),)))
+    try:
+        r = TrainingRunner(configs_dir=cfgs, root=tmp_path, runs_dir=tmp_path / "runs", launcher="python")
+        run = r.start("grp_test")
+        deadline = time.time() + 20
+        while not (run.output_dir / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        r.stop()
+        assert (run.output_dir / "checkpointed").exists(), "stop returned before the trainer finished its checkpoint"
+        assert r.status()["state"] == "stopped"
+    finally:
+        unregister_family("grpfam")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from adapter_studio.errors import MixError, StudioError
-from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec
+from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec, apply_mix
 from adapter_studio.presets import load_preset
 from adapter_studio.registry import families, get_family, guidance_families
 
@@ -329,15 +329,14 @@ class Engine:
                 f"{len(mix.units)} unit(s), prompt {shorten(s.prompt)!r} ({tokens.count} tokens{cut})")
 
     def _load_units(self, sp: Any, mix: Mix) -> None:
-        """Put the completed mix's units into the borrowed pipeline's stack (empty; the pool clears it again however
-        the call ends), each adapter a copy from the adapter cache: the same slots, scales, windows and inputs as
-        `adapter_studio.mix.apply_mix` (which the Python export runs), which reads every weights file every time."""
-        for i, unit in enumerate(mix.units):
-            fam = get_family(unit.family)
-            paths = {k: str(self.weights.resolve(v)) if v else None for k, v in fam.weights_dict(unit.weights).items()}
-            adapter = self.adapters.get(fam, paths, fam.weights_dict(unit.sha256), self.model, sp.pipe)
-            sp.add(adapter, name=unit.name or f"{unit.family}{i}", scale=unit.scale, start=unit.start, end=unit.end,
-                   sample_mask=unit.sample_mask, **fam.inputs_from_json(unit.inputs, self.models_dir))
+        """Put the completed mix's units into the borrowed pipeline's stack with `apply_mix` (what the Python export
+        runs), each adapter a copy from the adapter cache rather than a fresh read of its weights files."""
+
+        def load(fam: Any, unit: Any, weights: dict[str, str | None], pipe: Any) -> Any:
+            paths = {k: str(self.weights.resolve(v)) if v else None for k, v in weights.items()}
+            return self.adapters.get(fam, paths, fam.weights_dict(unit.sha256), self.model, pipe)
+
+        apply_mix(mix, sp, base_dir=self.models_dir, load=load)
 
     def _run(self, sp: Any, mix: Mix, cancel: threading.Event, progress: Callable[[int, int], None] | None) -> Any:
         s = mix.sampling

@@ -157,18 +157,19 @@ class TrainingRunner:
         if run is None or not run.running:
             return "no run is going"
         run.stopped = True
+        pgid = run.process.pid  # started with start_new_session: the launcher leads the group
         try:
-            os.killpg(run.process.pid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        try:
-            run.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        # the launcher exits at once on SIGTERM while the training process finishes its step and writes a
+        # checkpoint (train/loop.py): "stopped" is true only when the whole group is gone
+        if not _wait_group(pgid, run.process, timeout):
             try:
-                os.killpg(run.process.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            run.process.wait(5)
+            _wait_group(pgid, run.process, 5.0)
         return f"stopped at step {self.last_step() or 0}"
 
     def add_to_models(self, models_dir: str | os.PathLike) -> str:
@@ -256,3 +257,16 @@ def _config_steps(config: Path) -> int | None:
         return None
     steps = values.get("max_steps")
     return int(steps) if isinstance(steps, int) else None
+
+
+def _wait_group(pgid: int, launcher: subprocess.Popen, timeout: float) -> bool:
+    """Wait until every process of group `pgid` has exited (reaping the launcher); True when it emptied in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        launcher.poll()
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

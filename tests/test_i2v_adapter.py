@@ -1,4 +1,6 @@
-"""I2V-Adapter: the first-frame branch on every spatial attn1, image-to-video sampling, formats, the family."""
+"""I2V-Adapter: the first-frame branch on every spatial attn1, image-to-video sampling through the core hooks
+(`begin_call` encodes the first frame, `initial_latents` gives the Frame Similarity Prior), formats, inspect /
+convert, the family."""
 
 from __future__ import annotations
 
@@ -12,14 +14,12 @@ from PIL import Image
 
 from adapter_studio import CheckpointError, IncompatibleAdapterError, Mix, MixError, StudioError, UnitSpec, apply_mix
 from adapter_studio.adapters.agd import AGDAdapter
-from adapter_studio.adapters.i2v_adapter import (FAMILY, I2VAdapter, load_i2v_adapter, save_original,
-                                                 spatial_self_attention_layers)
-from adapter_studio.adapters.i2v_adapter.first_frame import encode_first_frame as adapter_encode
-from adapter_studio.adapters.i2v_adapter.first_frame import first_frame_pixels
+from adapter_studio.adapters.i2v_adapter import (FAMILY, I2VAdapter, encode_first_frame,
+                                                 frame_similarity_prior_latents, gaussian_blur, load_i2v_adapter,
+                                                 save_original, spatial_self_attention_layers)
 from adapter_studio.adapters.ip_adapter import IPAdapter
+from adapter_studio.cli import main as cli
 from adapter_studio.pipelines import ImageToVideoPipeline, StudioPipeline, export_video
-from adapter_studio.pipelines.image_to_video import (encode_first_frame, frame_similarity_prior_latents,
-                                                     gaussian_blur)
 from adapter_studio.presets import load_pipeline
 from adapter_studio.registry import get_family
 
@@ -156,9 +156,56 @@ def test_fresh_adapter_video_is_bit_identical_to_animatediff(sp, image):
     sp.stack.detach()
     try:
         base = pipe("a red ball", latents=latents, generator=g, callback_on_step_end=hold_first_frame, **kw).frames
+        # without the prior (frame_similarity_prior=False): AnimateDiff's own noise from the same seed, frame 0
+        # pinned before the first forward too
+        noise = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        noise[:, :, 0] = first
+        plain = pipe("a red ball", latents=noise, callback_on_step_end=hold_first_frame, **kw).frames
     finally:
         sp.stack.attach(pipe.unet)
     assert torch.equal(out, base)
+    no_prior = sp("a red ball", adapter_inputs={"i2v": {"image": image, "frame_similarity_prior": False}},
+                  generator=torch.Generator().manual_seed(0), **kw).frames
+    assert torch.equal(no_prior, plain)
+
+
+def test_a_plain_studio_call_gets_the_prior_and_frame_0_from_the_adapter_alone(sp, image):
+    """No ImageToVideoPipeline: the adapter encodes `image` in begin_call at the call's size and gives the Frame
+    Similarity Prior through initial_latents; its two coefficients are inputs; a plain diffusers call of the wrapped
+    pipeline (no size known up front) encodes at the first UNet forward and holds frame 0 too."""
+    pipe = sp.pipe
+    sp.add(_trained(pipe.unet), name="i2v", image=image)
+    kw = dict(num_frames=3, num_inference_steps=2, output_type="latent", **SIZE)
+    starts = []
+    hook = pipe.unet.register_forward_pre_hook(  # after the stack's own hook: the UNet's real first input
+        lambda m, args, kwargs: starts.append(kwargs["sample"].clone()) if not starts else None, with_kwargs=True)
+    try:
+        out = sp("a cat", generator=torch.Generator().manual_seed(5), **kw).frames
+    finally:
+        hook.remove()
+    first = encode_first_frame(pipe.vae, image, **SIZE)
+    assert torch.equal(out[:, :, 0], first)
+    pipe.scheduler.set_timesteps(2)
+    prior = frame_similarity_prior_latents(first, 3, pipe.scheduler, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(starts[0], torch.cat([prior, prior]), rtol=0, atol=1e-6)  # CFG: both halves
+    via_pipeline = ImageToVideoPipeline(sp)(image, "a cat", generator=torch.Generator().manual_seed(5), **kw).frames
+    assert torch.equal(via_pipeline, out), "the convenience pipeline only hands the image over"
+    other = sp("a cat", adapter_inputs={"i2v": {"fsp_sharp_ratio": 0.9, "fsp_blur_sigma": 2.0}},
+               generator=torch.Generator().manual_seed(5), **kw).frames
+    assert (other[:, :, 1:] - out[:, :, 1:]).abs().max() > 1e-3, "the coefficients reach the prior"
+    with pytest.raises(StudioError, match="fsp_sharp_ratio must lie in \\[0, 1\\]"):
+        sp("a cat", adapter_inputs={"i2v": {"fsp_sharp_ratio": 1.5}}, **kw)
+    with pytest.raises(StudioError, match="unknown keys \\['fsp_sharpness'\\]"):
+        sp("a cat", adapter_inputs={"i2v": {"fsp_sharpness": 0.5}}, **kw)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["sample"][:, :, 0].clone()),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():  # diffusers' own call: no step callback, frame 0 pinned in every UNet input
+            pipe("a cat", generator=torch.Generator().manual_seed(5), **kw)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(torch.equal(x, torch.cat([first, first])) for x in seen)
 
 
 def test_frame_0_is_the_input_image_up_to_the_vae_and_sizes_are_right(sp, image):
@@ -243,17 +290,17 @@ def test_a_first_image_of_another_size_is_resized_with_a_warning(sp, image):
         out = ImageToVideoPipeline(sp)(odd, "a cat", num_frames=2, num_inference_steps=1, output_type="pt",
                                        generator=torch.Generator().manual_seed(4), **SIZE).frames
     assert out.shape[-2:] == (64, 64)
-    # the adapter's own encoding of `image` (a plain StudioPipeline call, the app's path) is the pipeline's
+    # every form of the image encodes to the same latent
+    latents = []
     for img in (odd, np.asarray(odd), torch.from_numpy(np.array(odd)).permute(2, 0, 1) / 255.0):
         with pytest.warns(UserWarning, match="resized"):
-            ours = adapter_encode(sp.pipe.vae, first_frame_pixels(img), 64, 64)
-            theirs = encode_first_frame(sp.pipe.vae, img, 64, 64)
-        assert torch.equal(ours, theirs)
+            latents.append(encode_first_frame(sp.pipe.vae, img, 64, 64))
+    assert all(torch.equal(x, latents[0]) for x in latents)
 
 
 def test_bad_first_images_and_a_missing_adapter_are_refused(sp, image):
     i2v = ImageToVideoPipeline(sp)
-    with pytest.raises(StudioError, match="needs an enabled adapter that takes the first frame"):
+    with pytest.raises(StudioError, match="needs an enabled I2V-Adapter unit"):
         i2v(image, "a cat", num_frames=2, num_inference_steps=1, **SIZE)
     sp.add(_trained(sp.pipe.unet), name="i2v")
     with pytest.raises(StudioError, match="values must lie in \\[0, 1\\]"):
@@ -288,6 +335,8 @@ def test_frame_similarity_prior_matches_the_reference_recipe():
     assert torch.equal(latents[:, :, 0], x)
     with pytest.raises(StudioError, match="fsp_sharp_ratio"):
         frame_similarity_prior_latents(x, 5, scheduler, sharp_ratio=1.5)
+    with pytest.raises(StudioError, match="fsp_blur_sigma must be >= 0"):
+        frame_similarity_prior_latents(x, 5, scheduler, blur_sigma=-1.0)
 
 
 # -------------------------------------------------------------------------------------------------------- formats
@@ -346,17 +395,68 @@ def test_wrong_weights_are_refused_with_the_unet_untouched(sp, tmp_path):
 def test_the_family_runs_from_a_mix_through_a_plain_studio_call(sp, image, tmp_path):
     fam = get_family("i2v")
     assert fam is FAMILY and fam.output == "video" and fam.model_kinds == ("video",)
-    assert [(f.key, f.kind, f.required) for f in fam.fields] == [("image", "image", True)]
+    assert [(f.key, f.kind, f.required, f.default) for f in fam.fields] == [
+        ("image", "image", True, None), ("fsp_sharp_ratio", "number", False, 0.5),
+        ("fsp_blur_sigma", "number", False, 18.0)], "the prior's coefficients with the reference defaults"
     assert fam.comfy_nodes == ("AdapterStudioI2VAdapterLoader", "AdapterStudioApplyI2VAdapter")
+    assert [(t.script, t.configs, t.data_key) for t in fam.training] == [
+        ("train/i2v_adapter.py", "i2v_adapter*.yaml", "data_dir")]
     _trained(sp.pipe.unet).save_pretrained(tmp_path / "i2v")
     image.save(tmp_path / "first.png")
-    mix = Mix(units=[UnitSpec(family="i2v", weights="i2v", name="i2v", inputs={"image": "first.png"})])
+    inputs = {"image": "first.png", "fsp_sharp_ratio": 0.25, "fsp_blur_sigma": 4}
+    mix = Mix(units=[UnitSpec(family="i2v", weights="i2v", name="i2v", inputs=inputs)])
     apply_mix(Mix.from_json(mix.to_json()), sp, base_dir=tmp_path)
-    # no frame similarity prior here (a plain StudioPipeline call): the adapter alone holds frame 0 at the image
-    out = sp("a cat", num_frames=3, num_inference_steps=2, output_type="latent",
-             generator=torch.Generator().manual_seed(6), **SIZE).frames
+    kw = dict(num_frames=3, num_inference_steps=2, output_type="latent", **SIZE)
+    out = sp("a cat", generator=torch.Generator().manual_seed(6), **kw).frames
     assert torch.equal(out[:, :, 0], encode_first_frame(sp.pipe.vae, image, **SIZE))
-    with pytest.raises(MixError, match="unknown keys \\['fps'\\]; allowed: image"):
+    # the same call by hand: the same adapter, the same inputs as Python values
+    sp.stack.clear()
+    sp.add(load_i2v_adapter(tmp_path / "i2v", sp.pipe.unet), name="i2v", fsp_sharp_ratio=0.25, fsp_blur_sigma=4.0)
+    by_hand = ImageToVideoPipeline(sp)(image, "a cat", generator=torch.Generator().manual_seed(6), **kw).frames
+    assert torch.equal(out, by_hand)
+    with pytest.raises(MixError, match="unknown keys \\['fps'\\]; allowed: image, frame_similarity_prior"):
         fam.inputs_from_json({"image": "first.png", "fps": 8}, tmp_path)
     with pytest.raises(MixError, match="does not exist"):
         fam.inputs_from_json({"image": "missing.png"}, tmp_path)
+    with pytest.raises(MixError, match="'fsp_blur_sigma' must be a number"):
+        fam.inputs_from_json({"fsp_blur_sigma": "x"}, tmp_path)
+    with pytest.raises(MixError, match="must be true or false"):
+        fam.inputs_from_json({"frame_similarity_prior": 1}, tmp_path)
+
+
+def test_inspect_names_the_family_layers_and_fit_and_convert_round_trips(sp, tmp_path, capsys):
+    unet = sp.pipe.unet
+    adapter = _trained(unet, seed=8)
+    adapter.register_to_config(base_model="tiny-video")
+    adapter.save_pretrained(tmp_path / "folder")
+    save_original(adapter, tmp_path / "i2v.safetensors")
+    torch.save({"state_dict": {**adapter.state_dict(), "conv_in.weight": unet.conv_in.weight.detach()}},
+               tmp_path / "release.ckpt")
+    n = sum(p.numel() for p in adapter.parameters())
+
+    def inspect(*argv):
+        assert cli(["inspect", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    d = inspect(str(tmp_path / "i2v.safetensors"), "--preset", "tiny-video")
+    assert (d["family"], d["format"], d["variant"]) == ("i2v", "original single file (.safetensors)",
+                                                         "adapter weights"), "no other family claims it"
+    assert d["base"] == {"spatial self-attention layers": 7, "by block": "down 2, mid 1, up 4",
+                         "channel widths": [32, 64]}
+    assert d["parameters"] == n and d["dtype"] == "float32" and d["fits tiny-video"].startswith("yes")
+    d = inspect(str(tmp_path / "i2v.safetensors"), "--preset", "tiny-sd15")
+    assert d["fits tiny-sd15"].startswith("no: ") and "needs a video UNet" in d["fits tiny-sd15"]
+    d = inspect(str(tmp_path / "folder"))
+    assert (d["family"], d["format"], d["base"]["trained for"], d["parameters"]) == (
+        "i2v", "folder (save_pretrained)", "tiny-video", n)
+    d = inspect(str(tmp_path / "release.ckpt"))
+    assert (d["format"], d["variant"]) == ("original pickle (.ckpt)", "inside a UNet checkpoint (1 other keys ignored)")
+    assert FAMILY.to_json()["formats_written"] == ["folder", "original"]
+    # conversion through the family's loader and writers: pickle -> folder -> single file, the same tensors
+    assert cli(["convert", str(tmp_path / "release.ckpt"), str(tmp_path / "conv"), "--to", "folder",
+                "--preset", "tiny-video"]) == 0
+    assert cli(["convert", str(tmp_path / "conv"), str(tmp_path / "back.safetensors"), "--to", "original",
+                "--preset", "tiny-video"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    back = load_i2v_adapter(tmp_path / "back.safetensors", unet)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in adapter.state_dict().items())

@@ -13,11 +13,14 @@ Read:
 
 Write: our folder (`adapter.save_pretrained`) and the original single file (`save_original`: `.safetensors`, or
 `.bin` / `.pt` through `torch.save`), which the reference code loads with `unet.load_state_dict(..., strict=False)`.
+
+Inspect (`inspect_weights`, for `python -m adapter_studio inspect`): what a file or folder is without a model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -159,3 +162,60 @@ def save_original(adapter: I2VAdapter, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"save_original writes .safetensors, .bin, .pt or .pth, got {path.name!r}")
     os.replace(tmp, path)
     return path
+
+
+def inspect_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """What an I2V-Adapter file or folder is, without a model: format, variant, base (layers and widths),
+    parameters, dtype.
+
+    Raises CheckpointError when `path` is not an I2V-Adapter (`python -m adapter_studio inspect` asks every family).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _inspect_folder(path)
+    if path.suffix not in ORIGINAL_SUFFIXES:
+        raise CheckpointError(f"{path.name} is not an I2V-Adapter file (expected {', '.join(ORIGINAL_SUFFIXES)})")
+    sd = read_weights(path)
+    tensors = layer_tensors(sd)
+    others = len(sd) - sum(len(d) for d in tensors.values())
+    fmt = "original single file (.safetensors)" if path.suffix == ".safetensors" else f"original pickle ({path.suffix})"
+    first = next(iter(tensors.values()))["to_q_ff.weight"]
+    return {"format": fmt,
+            "variant": f"inside a UNet checkpoint ({others} other keys ignored)" if others else "adapter weights",
+            "base": _base({p: int(d["to_q_ff.weight"].shape[1]) for p, d in tensors.items()}),
+            "parameters": sum(t.numel() for d in tensors.values() for t in d.values()),
+            "dtype": str(first.dtype).removeprefix("torch.")}
+
+
+def _inspect_folder(folder: Path) -> dict[str, Any]:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{folder} is not an I2V-Adapter folder (no config.json)")
+    try:
+        cfg = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+    if cfg.get("_class_name") != I2VAdapter.__name__:
+        raise CheckpointError(f"{folder} holds a {cfg.get('_class_name')!r}, not an {I2VAdapter.__name__}")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        keys = list(f.keys())
+        shapes = [f.get_slice(k).get_shape() for k in keys]
+        dtype = f.get_slice(keys[0]).get_dtype() if keys else "?"
+    base = _base(dict(zip(cfg.get("layer_paths") or [], cfg.get("query_dims") or [])))
+    return {"format": "folder (save_pretrained)", "variant": "adapter weights",
+            "base": {**base, "trained for": cfg.get("base_model") or "?"},
+            "parameters": sum(math.prod(s) for s in shapes), "dtype": str(dtype).lower()}
+
+
+def _base(widths: dict[str, int]) -> dict[str, Any]:
+    """The base model a file was made for, as far as its layers say: how many spatial self-attentions, where, and
+    their channel widths."""
+    where = {part: sum(p.startswith(part) for p in widths) for part in ("down_blocks", "mid_block", "up_blocks")}
+    return {"spatial self-attention layers": len(widths),
+            "by block": ", ".join(f"{k.split('_')[0]} {v}" for k, v in where.items()),
+            "channel widths": sorted(set(widths.values()))}

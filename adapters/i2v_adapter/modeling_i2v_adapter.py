@@ -15,10 +15,13 @@ diffusers `ModelMixin` it saves and loads as a folder (`config.json` + `diffusio
 Inputs (slot inputs or `adapter_inputs` per call):
 
 * `image`: the first frame: a PIL image, an `[H, W, 3]` array (uint8, or float in [0, 1]) or a `[3, H, W]` /
-  `[1, 3, H, W]` tensor in [0, 1]. Encoded once per call with the pipeline's VAE, at the call's size (resized, with
-  a warning, when its size differs);
+  `[1, 3, H, W]` tensor in [0, 1]. Encoded once per call with the pipeline's VAE in `begin_call`, at the call's size
+  (resized, with a warning, when its size differs);
 * `image_latents`: the first frame already encoded, `[C, h, w]` or one per sample `[B, C, h, w]` (scaled by the
-  VAE's `scaling_factor`), instead of `image`: what `ImageToVideoPipeline` passes, and what a training step passes.
+  VAE's `scaling_factor`), instead of `image`: what a training step or a bare UNet call passes;
+* `frame_similarity_prior` (default True): a `StudioPipeline` call starts from the Frame Similarity Prior
+  (`initial_latents`), else from the pipeline's own noise;
+* `fsp_sharp_ratio` (0.5), `fsp_blur_sigma` (18.0): the prior's two coefficients (`first_frame.py`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from adapter_studio.adapter import AttentionAdapter
 from adapter_studio.context import CallInfo, ForwardContext
 from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
-from .first_frame import encode_first_frame, first_frame_pixels, per_sample
+from .first_frame import (FSP_BLUR_SIGMA, FSP_SHARP_RATIO, check_prior, encode_first_frame, first_frame_pixels,
+                          frame_similarity_prior_latents, per_sample)
 
 _PROC = ".processor"
+#: the inputs an I2V-Adapter slot takes (see the module docstring)
+INPUTS = ("image", "image_latents", "frame_similarity_prior", "fsp_sharp_ratio", "fsp_blur_sigma")
 #: the parameters the adapter adds to each layer, as named in the original release
 PARAMS = ("to_q_ff.weight", "to_out_ff.weight", "to_out_ff.bias")
 
@@ -148,8 +154,6 @@ class I2VAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
 
     family: ClassVar[str] = "i2v"
     target: ClassVar[str] = "attn1"
-    #: the input under which an image-to-video pipeline hands over the first frame's latent
-    first_frame_input: ClassVar[str] = "image_latents"
     config_name = "config.json"
 
     @register_to_config
@@ -197,23 +201,43 @@ class I2VAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
         check_fits(shapes, unet)
 
     def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
-        """Check the first frame and keep what encoding it needs for this call.
+        """Check the inputs and encode the first frame once for this call, at the call's size.
 
-        The VAE encodes it at the first UNet forward, once per call: only then is the call's latent size known
-        (`CallInfo` does not carry the output size).
+        A plain diffusers call of a wrapped pipeline does not say its size (`call.height` is None): the image is
+        then encoded at the call's first UNet forward, where the latent size shows.
         """
-        state: dict[str, Any] = {"vae": getattr(call.pipe, "vae", None), "active": None, "latents": None,
-                                 "pixels": None, "scale_factor": getattr(call.pipe, "vae_scale_factor", 8)}
+        unknown = set(inputs) - set(INPUTS)
+        if unknown:
+            raise StudioError(f"I2V-Adapter inputs: unknown keys {sorted(unknown)}; allowed: {', '.join(INPUTS)}")
+        check_prior(inputs.get("fsp_sharp_ratio", FSP_SHARP_RATIO), inputs.get("fsp_blur_sigma", FSP_BLUR_SIGMA))
+        vae = getattr(call.pipe, "vae", None)
+        state: dict[str, Any] = {"vae": vae, "active": None, "latents": None, "pixels": None,
+                                 "scale_factor": getattr(call.pipe, "vae_scale_factor", 8)}
         if inputs.get("image_latents") is not None:
             state["latents"] = _as_latents(inputs["image_latents"]).to(device=call.device, dtype=call.dtype)
         elif inputs.get("image") is not None:
-            if state["vae"] is None:
+            if vae is None:
                 raise StudioError("the I2V-Adapter encodes its first frame with the pipeline's VAE; this pipeline has "
                                   "none: pass image_latents instead")
-            state["pixels"] = first_frame_pixels(inputs["image"])
+            pixels = first_frame_pixels(inputs["image"])
+            if call.height and call.width:
+                state["latents"] = encode_first_frame(vae, pixels, call.height, call.width).to(call.device, call.dtype)
+            else:
+                state["pixels"] = pixels
         else:
             raise StudioError("the I2V-Adapter needs its first frame: give image=... (or image_latents=...)")
         return {**inputs, "_call": state}
+
+    def initial_latents(self, inputs: dict[str, Any], call: CallInfo, scheduler: Any) -> torch.Tensor | None:
+        """The Frame Similarity Prior `[B, C, F, h, w]` at the first timestep (frame 0 the clean first frame), drawn
+        from the call's generator; None with `frame_similarity_prior=False` (the pipeline's own noise)."""
+        if not inputs.get("frame_similarity_prior", True):
+            return None
+        first = per_sample(inputs["_call"]["latents"], call.batch_size, cfg=False)  # [B, C, h, w]
+        latents = frame_similarity_prior_latents(first, call.num_frames, scheduler, call.generator,
+                                                 inputs.get("fsp_sharp_ratio", FSP_SHARP_RATIO),
+                                                 inputs.get("fsp_blur_sigma", FSP_BLUR_SIGMA))
+        return latents.to(call.dtype)
 
     def latents_before_unet(self, sample: torch.Tensor, inputs: dict[str, Any], ctx: ForwardContext,
                             active: torch.Tensor) -> torch.Tensor:

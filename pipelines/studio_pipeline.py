@@ -30,13 +30,18 @@ class StudioPipeline:
     """
 
     def __init__(self, pipe: Any, stack: AdapterStack | None = None):
+        """Wrap `pipe`. Without `stack` a new one is attached to `pipe.unet` and owned by this wrapper: plain
+        `pipe(...)` calls then run it too. A given `stack` (a training task's, for validation) stays the caller's:
+        plain calls of `pipe` leave it alone."""
         self.pipe = pipe
-        self.stack = stack or AdapterStack()
+        own = stack is None
+        self.stack = stack if stack is not None else AdapterStack()  # an empty stack is falsy (len 0)
         if not self.stack.attached:
             self.stack.attach(pipe.unet)
         elif self.stack.unet is not pipe.unet:
             raise StudioError("the given stack is attached to another UNet")
-        self.stack.pipe = pipe  # so that a plain `pipe(...)` call runs the stack with its inputs encoded too
+        if own:
+            self.stack.pipe = pipe  # so that a plain `pipe(...)` call runs the stack with its inputs encoded too
         pipe.unet.requires_grad_(False)
         # samplers are built from the model's own scheduler config, not from the last sampler's (which may carry
         # Karras sigmas or another solver's settings into the next)

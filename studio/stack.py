@@ -109,6 +109,7 @@ class AdapterStack:
         self.pipe: Any = None
         self._scheduler: Any = None
         self._sampling_depth = 0
+        self._plain_call = False  # slots hold inputs a plain diffusers call encoded
         self._original: dict[str, Any] | None = None
         self._hook: Any = None
         self._by_layer: dict[str, list[Slot]] = {}
@@ -218,28 +219,31 @@ class AdapterStack:
             self._sampling_depth -= 1
             self._scheduler, self.cfg = old
 
-    def _begin_plain_call(self, n: int, t: torch.Tensor, sample: torch.Tensor) -> None:
+    def _begin_plain_call(self, n: int, t: torch.Tensor, sample: torch.Tensor) -> tuple[bool, Any]:
         """A UNet forward of the wrapped pipeline called as plain diffusers (`pipe(...)`, not the wrapper).
 
         diffusers' pipelines keep `do_classifier_free_guidance` and the scheduler's timesteps for the running call;
         the first forward of a call (at the first timestep) encodes every slot's fixed inputs as the wrapper would.
         """
         pipe = self.pipe
-        self._scheduler = pipe.scheduler
-        self.cfg = bool(getattr(pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", False)) and n % 2 == 0
         ts = getattr(pipe.scheduler, "timesteps", None)
         first = ts is not None and len(ts) and bool((t == float(ts[0])).all())
         if not first and all(s.call_inputs is not None for s in self.slots.values() if s.enabled):
-            return
-        call = CallInfo(pipe=pipe, batch_size=n // 2 if self.cfg else n, num_images_per_prompt=1, cfg=self.cfg,
+            return cfg, pipe.scheduler
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        call = CallInfo(pipe=pipe, batch_size=n // 2 if cfg else n, num_images_per_prompt=1, cfg=cfg,
                         guidance_scale=float(getattr(pipe, "guidance_scale", 1.0)), device=sample.device,
-                        dtype=self.unet.dtype, num_frames=sample.shape[2] if sample.ndim == 5 else 1)
+                        dtype=self.unet.dtype, num_frames=sample.shape[2] if sample.ndim == 5 else 1,
+                        height=sample.shape[-2] * factor, width=sample.shape[-1] * factor,
+                        num_inference_steps=len(ts) if ts is not None else None)
         for slot in self.slots.values():
             if slot.enabled:
                 slot.call_inputs = slot.adapter.begin_call(dict(slot.inputs), call)
+        self._plain_call = True
+        return cfg, pipe.scheduler
 
-    def _progress(self, t: torch.Tensor) -> torch.Tensor:
-        sched = self._scheduler
+    def _progress(self, t: torch.Tensor, sched: Any) -> torch.Tensor:
         if sched is not None and getattr(sched, "timesteps", None) is not None and len(sched.timesteps):
             if self._timesteps_cache[0] is not sched.timesteps:  # one copy to the CPU per sampling run
                 self._timesteps_cache = (sched.timesteps, sched.timesteps.detach().to("cpu", torch.float64))
@@ -251,18 +255,18 @@ class AdapterStack:
         num_train = getattr(getattr(self.unet, "config", None), "num_train_timesteps", None) or 1000
         return (1.0 - t.double() / num_train).clamp(0.0, 1.0)
 
-    def _gate(self, slot: Slot, progress: torch.Tensor, n: int) -> torch.Tensor | None:
+    def _gate(self, slot: Slot, progress: torch.Tensor, n: int, cfg: bool) -> torch.Tensor | None:
         if not slot.enabled:
             return None
         active = (progress >= slot.start) & ((progress < slot.end) | (slot.end >= 1.0))
         gate = active.to(torch.float32)
         if slot.sample_mask is not None:
             m = torch.as_tensor(slot.sample_mask, dtype=torch.float32).detach().cpu().flatten()
-            if self.cfg and m.numel() * 2 == n:
+            if cfg and m.numel() * 2 == n:
                 m = torch.cat([m, m])
             if m.numel() != n:
                 raise StudioError(f"adapter {slot.name!r}: sample_mask has {m.numel()} entries for a batch of "
-                                  f"{n // 2 if self.cfg else n} samples")
+                                  f"{n // 2 if cfg else n} samples")
             gate = gate * m
         if not bool(gate.any()):
             return None
@@ -295,15 +299,22 @@ class AdapterStack:
             t = t.expand(n)
         # gates are decided on the CPU (one small copy per forward) so no slot or layer waits on the GPU
         t_cpu = t.detach().cpu()
-        if self.pipe is not None and not self._sampling_depth:
-            self._begin_plain_call(n, t_cpu, sample)
-        ctx = ForwardContext(batch_size=n, cfg=self.cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
+        # a plain diffusers call runs under no_grad (its __call__ is decorated so): a forward with gradients is a
+        # training step or a user's own loop, whose inputs are the slots' as they are
+        cfg, scheduler = self.cfg, self._scheduler
+        if self.pipe is not None and not self._sampling_depth and not torch.is_grad_enabled():
+            cfg, scheduler = self._begin_plain_call(n, t_cpu, sample)
+        elif self._plain_call and not self._sampling_depth:  # inputs a plain call encoded are not this forward's
+            for slot in self.slots.values():
+                slot.call_inputs = None
+            self._plain_call = False
+        ctx = ForwardContext(batch_size=n, cfg=cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
-        ctx.progress = self._progress(t_cpu)
+        ctx.progress = self._progress(t_cpu, scheduler)
         self.context = ctx
         active: list[Slot] = []
         for slot in self.slots.values():
-            slot._gate = self._gate(slot, ctx.progress, n)
+            slot._gate = self._gate(slot, ctx.progress, n, cfg)
             slot._gate_on_device = {}
             slot._gate_uniform = None
             slot.state = None

@@ -113,8 +113,6 @@ def test_generate_with_an_i2v_unit_starts_the_clip_at_the_first_image(studio, ge
     assert read_mix(sidecar).units[0].family == "i2v" and read_mix(sidecar).to_dict() == read_mix(still).to_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="webapp/outputs.py names a clip's files apart from its still: the I2V report "
-                                       "describes the change (the clip takes the stem of its still)")
 def test_each_video_file_has_its_mix_in_a_sidecar_of_its_own_name(generated):
     assert generated.clip["mp4"].with_suffix(".json").is_file()
 

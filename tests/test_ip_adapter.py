@@ -336,3 +336,25 @@ def test_a_plain_diffusers_call_of_the_wrapped_pipeline_runs_the_units_fixed_inp
     studio.stack["ip"].scale = 0.0
     studio.stack["ip"].inputs["image"] = _img(4)
     assert np.array_equal(_run(studio.pipe, guidance_scale=6.0), _run(studio, guidance_scale=6.0))
+
+
+def test_training_forwards_use_the_slot_inputs_as_they_are(studio):
+    """With gradients on (a training step) the stack never takes a forward for a plain diffusers call: inputs set per
+    batch act at once, even on a wrapped pipeline whose last plain call left encoded inputs behind."""
+    ad = _random_adapter(studio.pipe, "base", seed=5)
+    slot = studio.add(ad, "ip", image=_img(1))
+    _run(studio.pipe, guidance_scale=6.0)  # a plain call: encodes the reference and keeps it for that call
+    unet = studio.pipe.unet
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    outs = []
+    for seed in (1, 2):
+        slot.inputs = {"image_embeds": torch.randn(2, 24, generator=torch.Generator().manual_seed(seed))}
+        outs.append(unet(x, torch.tensor([901, 901]), text).sample)
+    assert not torch.allclose(outs[0], outs[1]), "the second batch's embeddings act"
+    ref = AdapterStack().attach(load_pipeline("tiny-sd15").unet)
+    ref.add(ad, "ip", image_embeds=slot.inputs["image_embeds"])
+    torch.testing.assert_close(outs[1], ref.unet(x, torch.tensor([901, 901]), text).sample)
+    ref.detach()
+    p = load_pipeline("tiny-sd15")
+    assert StudioPipeline(p, stack=AdapterStack().attach(p.unet)).stack.pipe is None, "a given stack stays the caller's"

@@ -58,17 +58,15 @@ def write_outputs(mix: Mix, out: Any, outputs_dir: Path, seconds: float) -> Gene
     day = outputs_dir / time.strftime("%Y-%m-%d")
     day.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%H%M%S")
-    videos: dict[str, Path] = {}
     frames = getattr(out, "frames", None)
-    if frames is not None:  # video pipelines: a clip per sample; its first frame is the still carrying the mix
-        stills = [clip[0] for clip in frames]
-        videos = write_video(frames[0], day / f"{stamp}-{s.seed}-{uuid.uuid4().hex[:6]}", fps=s.fps)
-    else:
-        stills = out.images
+    # video pipelines: a clip per sample; its first frame is the still carrying the mix
+    stills = [clip[0] for clip in frames] if frames is not None else out.images
     images: list[Path] = []
     for k, img in enumerate(stills):
         one = image_mix(mix, k)
         images.append(save_png_with_mix(img, day / f"{stamp}-{one.sampling.seed}-{uuid.uuid4().hex[:6]}.png", one))
+    # the first clip's files take the stem of its still, so `clip.json` beside `clip.mp4` is that clip's own mix
+    videos = write_video(frames[0], images[0].with_suffix(""), fps=s.fps) if frames is not None else {}
     info = (f"{len(images)} image(s), {s.width}x{s.height}, {s.steps} steps {s.sampler}, "
             f"{s.guidance.upper()} {s.guidance_scale:g}, seed {s.seed}, {len(mix.units)} unit(s), {seconds:.2f} s")
     return GenerationResult(images=images, sidecars=[p.with_suffix(".json") for p in images], mix=mix,

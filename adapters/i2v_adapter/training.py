@@ -188,11 +188,9 @@ class I2VAdapterTask(TrainingTask):
         empty_ids = pipe.tokenizer("", max_length=pipe.tokenizer.model_max_length, padding="max_length",
                                    truncation=True, return_tensors="pt").input_ids[0]
         model = I2VTrainingModel(pipe, trainable, DDPMScheduler.from_config(pipe.scheduler.config), cfg, empty_ids)
-        # the validation pipeline shares the training stack; made before the motion modules are set to train, since
-        # a StudioPipeline freezes its UNet. Its `stack.pipe` is dropped: training forwards are bare UNet calls,
-        # with the slot's inputs set per batch, not a plain diffusers call whose inputs are encoded once
+        # the validation pipeline shares the training stack (which stays the task's); made before the motion modules
+        # are set to train, since a StudioPipeline freezes its UNet
         self.studio = StudioPipeline(pipe, stack=model.stack)
-        model.stack.pipe = None
         if trainable.motion is not None:
             trainable.motion.float().requires_grad_(True).train()
         self.model = model

@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 ARGS ?=
 
-.PHONY: install run test browser bench clean
+.PHONY: install run test browser bench clean comfyui-env
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ run: install
 
 test: install browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# ComfyUI's own venv for the ComfyUI tests, cached outside the clone (built once, ~4 min; `make test` builds it too)
+comfyui-env: install
+	$(PY) tests/comfyui_env.py
 
 bench: install
 	$(PY) bench/run_all.py

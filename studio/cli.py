@@ -3,6 +3,7 @@
     python -m adapter_studio families
     python -m adapter_studio inspect FILE_OR_FOLDER [--preset tiny-sd15] [--json]
     python -m adapter_studio convert SRC DEST --to FORMAT --preset sd15 [--family ip]
+    python -m adapter_studio export-comfy MIX.json OUT_DIR [--checkpoint NAME] [--clip-vision NAME] [--zip]
 
 `inspect` says which family a file belongs to, its format and variant, the base model it was made for (widths, layer
 counts), its parameters, dtype and sha256, and with `--preset` whether it fits that model (by loading it the way the
@@ -88,6 +89,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_comfy(args: argparse.Namespace) -> int:
+    from .comfy_workflow import export_comfy
+    from .mix import Mix
+
+    mix_path = Path(args.mix)
+    if not mix_path.is_file():
+        raise StudioError(f"{mix_path} does not exist")
+    mix = Mix.load(mix_path)
+    export = export_comfy(mix, base_dir=mix_path.parent, checkpoint=args.checkpoint, clip_vision=args.clip_vision)
+    out = Path(args.out_dir)
+    if args.zip:
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{mix_path.stem}-comfyui.zip"
+        target.write_bytes(export.zip_bytes())
+        print(f"wrote {target}")
+    else:
+        export.write(out)
+        print(f"wrote {out / 'workflow.json'} (UI), {out / 'workflow_api.json'} (API), {len(export.files)} files "
+              f"under {out} (input/, models/); see {out / 'README.txt'}")
+    for note in export.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_families(args: argparse.Namespace) -> int:
     for fam in families():
         print(f"{fam.name:<6} {fam.label:<28} writes: {', '.join(sorted(fam.writers)) or '-'}")
@@ -108,9 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--to", required=True, help="the format to write (see `families`)")
     c.add_argument("--preset", required=True, help="the model the weights are for (the UNet fixes layer order)")
     c.add_argument("--family", help="the family (default: found by inspecting SRC)")
+    e = sub.add_parser("export-comfy", help="a mix as a ComfyUI workflow (UI and API format) with its files")
+    e.add_argument("mix", help="a mix JSON file (relative paths in it are looked up beside it)")
+    e.add_argument("out_dir")
+    e.add_argument("--checkpoint", help="checkpoint file name in ComfyUI (default: <model>.safetensors)")
+    e.add_argument("--clip-vision", help="CLIP vision file name in ComfyUI for image-prompt units "
+                                         "(default: <model>-image-encoder.safetensors)")
+    e.add_argument("--zip", action="store_true", help="write one zip (as the studio's download) instead")
     args = p.parse_args(argv)
     try:
-        return {"inspect": cmd_inspect, "convert": cmd_convert, "families": cmd_families}[args.command](args)
+        return {"inspect": cmd_inspect, "convert": cmd_convert, "families": cmd_families,
+                "export-comfy": cmd_export_comfy}[args.command](args)
     except StudioError as e:  # a user's file or argument: one line, no traceback
         print(f"python -m adapter_studio {args.command}: {e}", file=sys.stderr)
         return 2

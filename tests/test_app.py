@@ -123,6 +123,20 @@ def test_an_output_reproduces_from_its_own_metadata_and_from_the_python_export(s
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.array_equal(_pixels(tmp_path / "mix-6.png"), _pixels(again)), "the exported script reproduces it"
 
+    # the ComfyUI workflow of the same mix: both formats, the reference image and the IP weights it reads
+    import zipfile
+
+    zpath = client.predict(mix_json, api_name="/export_comfy")
+    with zipfile.ZipFile(zpath) as z:
+        names = z.namelist()
+        api = json.loads(z.read("workflow_api.json"))
+        ui = json.loads(z.read("workflow.json"))
+    classes = {node["class_type"] for node in api.values()}
+    assert {"KSampler", "AdapterStudioIPAdapterLoader", "AdapterStudioApplyIPAdapter"} <= classes
+    assert next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]["seed"] == 6
+    assert len(ui["nodes"]) == len(api) and any(n.startswith("input/") for n in names)
+    assert any(n.startswith("models/ip/") for n in names)
+
 
 def test_sample_mask_switches_a_unit_per_image_and_is_recorded(studio, client):
     """One batch, two mixes: the unit acts on image 1 only; each image's own mix says whether it acted."""

@@ -17,7 +17,7 @@ from adapter_studio.mix import MIX_VERSION, Mix
 from adapter_studio.samplers import SAMPLERS
 
 from .engine import Engine, guidance_choices
-from .export import python_snippet
+from .export import comfy_workflow_zip, python_snippet
 from .forms import families_json, parse_json_field
 from .handlers import friendly_errors, session_of
 from .metadata import read_mix
@@ -33,6 +33,7 @@ API_HELP = """
 | `/generate_mix` | mix (JSON), images | gallery, mix JSON |
 | `/read_settings` | file (studio PNG or mix JSON) | mix JSON |
 | `/export_python` | mix (JSON) | Python script reproducing it |
+| `/export_comfy` | mix (JSON) | zip: workflow.json (UI), workflow_api.json (API), input/, models/ for ComfyUI |
 | `/upload_weights` | file, family | name in the models folder |
 | `/families`, `/list_weights`, `/list_presets` | — / family / — | JSON |
 | `/train_start`, `/train_status`, `/train_stop` | config, data_dir, output_dir, max_steps, extra_args | status JSON |
@@ -107,6 +108,12 @@ class Api:
     def export_python(self, mix: str) -> str:
         return python_snippet(self.engine.complete_mix(Mix.from_json(mix or "")), self.engine.models_dir)
 
+    def export_comfy(self, mix: str) -> str:
+        """The ComfyUI workflow of a mix: a zip (workflow.json, workflow_api.json, input/, models/)."""
+        completed = self.engine.complete_mix(Mix.from_json(mix or ""))
+        return str(comfy_workflow_zip(completed, self.engine.models_dir, self.engine.inputs_dir,
+                                      self.engine.outputs_dir / "exports"))
+
     def register(self) -> None:
         """Add the endpoints (hidden components for the ones taking files or galleries) to the current Blocks."""
         with gr.Column(visible=False):  # integers arrive as sent (no `precision`, which rounds 2.5): `_int` refuses
@@ -131,6 +138,7 @@ class Api:
         a_btn.click(friendly_errors(self.read_settings), a_file, a_text_out, api_name="read_settings")
         a_btn.click(friendly_errors(self.upload_weights), [a_file, a_family], a_text_out, api_name="upload_weights")
         a_btn.click(friendly_errors(self.export_python), a_mix_in, a_text_out, api_name="export_python")
+        a_btn.click(friendly_errors(self.export_comfy), a_mix_in, a_file, api_name="export_comfy")
 
         def families() -> str:
             """Installed adapter families: their unit forms, weights files, guidance and training entries (JSON)."""

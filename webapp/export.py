@@ -1,9 +1,10 @@
-"""Taking a mix elsewhere: the pipeline call it makes, and a runnable Python script that reproduces it.
+"""Taking a mix elsewhere: the pipeline call it makes, a runnable Python script that reproduces it, a ComfyUI workflow.
 
 The script builds the same diffusers pipeline (`StudioPipeline.from_preset`), loads the same adapter units with
 `adapter_studio.mix.apply_mix`, sets the same sampler (`StudioPipeline.set_sampler`) and per-image seeds, and calls
 it with the arguments of `call_arguments` — the very arguments the engine runs — so on the same device and dtype
-it reproduces the studio's output exactly. (A ComfyUI workflow export joins here once the ComfyUI nodes exist.)
+it reproduces the studio's output exactly. The ComfyUI workflow (`comfy_workflow_zip`) runs the same units through the
+node pack `comfyui_adapter_studio` (docs/comfyui.md).
 """
 
 from __future__ import annotations
@@ -63,3 +64,12 @@ def python_snippet(mix: Mix, models_dir: str | os.PathLike, out_prefix: str = "m
         "",
     ]
     return "\n".join(lines)
+
+
+def comfy_workflow_zip(mix: Mix, models_dir: Path, inputs_dir: Path, out_dir: Path) -> Path:
+    """The ComfyUI export of a completed `mix` as a zip: workflow.json (UI), workflow_api.json (API), README.txt and
+    the `input/` images and `models/` weights it reads (`adapter_studio.comfy_workflow`); returns its path."""
+    from adapter_studio.comfy_workflow import export_comfy
+
+    path = Path(out_dir) / f"mix-{mix.sampling.seed}-{len(mix.units)}units-comfyui.zip"
+    return export_comfy(mix, base_dir=[models_dir, inputs_dir]).write_zip(path)

@@ -18,7 +18,7 @@ from adapter_studio.registry import families, get_family, guidance_families
 from adapter_studio.samplers import SAMPLERS
 
 from .engine import Engine, GenerationCancelled
-from .export import python_snippet
+from .export import comfy_workflow_zip, python_snippet
 from .forms import field_visible, form_to_unit, unit_to_form
 from .handlers import session_of, toast_errors
 from .metadata import read_mix
@@ -173,6 +173,14 @@ class GenerateTab:
                 f"**Done** · {res.info}", res.mix.to_json(), python_snippet(res.mix, self.engine.models_dir),
                 res.mix.sampling.seed]
 
+    def export_comfy_ui(self, mix_json: str) -> str:
+        """The last run's mix as a ComfyUI workflow zip (the mix shown in the Mix tab: completed, seed drawn). Named
+        apart from the API's `export_comfy`: Gradio names a page event after its handler."""
+        if not mix_json:
+            raise MixError("generate first: the export takes the last run's mix")
+        return str(comfy_workflow_zip(Mix.from_json(mix_json), self.engine.models_dir, self.engine.inputs_dir,
+                                      self.engine.outputs_dir / "exports"))
+
     def queue_job(self, request: gr.Request) -> str:
         """Generate's first step, outside the queue: the ticket Cancel reaches while the generation waits."""
         return self.engine.queue(session_of(request))
@@ -290,6 +298,12 @@ class GenerateTab:
                     with gr.Tab("Python"):
                         self.snippet_code = gr.Code(language="python", label="Reproduce with diffusers + the studio",
                                                     lines=12, max_lines=22, interactive=False)
+                    with gr.Tab("ComfyUI"):
+                        self.comfy_btn = gr.Button("Export the last run as a ComfyUI workflow (.zip)", size="sm",
+                                                   elem_id="comfy-export")
+                        self.comfy_file = gr.File(label="workflow.json (UI) + workflow_api.json (API) + input/ + "
+                                                  "models/ — see docs/comfyui.md", interactive=False,
+                                                  elem_id="comfy-file")
                     with gr.Tab("Files"):
                         self.files = gr.File(label="PNG + JSON sidecars (+ GIF/MP4/WebM for video)",
                                              file_count="multiple", interactive=False)
@@ -320,6 +334,7 @@ class GenerateTab:
         # through the queue (its own concurrency group, so it never waits for a generation): Gradio shows no toast
         # from an event outside it
         cancel_btn.click(toast_errors(self.cancel), None, self.info, show_progress="hidden", api_visibility="private")
+        self.comfy_btn.click(toast_errors(self.export_comfy_ui), self.mix_code, self.comfy_file, api_visibility="private")
         for box in (self.prompt, self.negative):  # as the user types: the last change wins, earlier ones are dropped
             box.change(toast_errors(self.count_tokens), [self.prompt, self.negative], self.tokens, queue=False,
                        show_progress="hidden", trigger_mode="always_last", api_visibility="private")

@@ -1,6 +1,6 @@
 """Ctrl-Adapter / ControlNet: target shapes and sampling on every tiny preset, parity with diffusers' ControlNet
-pipelines, fusion and routing, latent skipping, formats (ours, the release's key layout, diffusers ControlNets), the
-family, preprocessors, bad input, and Ctrl + IP-Adapter + AGD together."""
+pipelines, fusion and routing, latent skipping, formats (ours, the release's key layout, diffusers ControlNets),
+`inspect` / `convert`, the family, preprocessors, bad input, and Ctrl + IP-Adapter + AGD together."""
 
 from __future__ import annotations
 
@@ -347,6 +347,18 @@ def test_released_key_layout_loads_and_wrong_shapes_are_refused(tmp_path):
     assert all(torch.equal(v, ctrl.adapter.state_dict()[k]) for k, v in sd.items())
     assert ctrl.router is not None and ctrl.router.config.num_experts == 2
 
+    # inspect names it without a model; the family's folder writer converts it to ours, which reloads the same
+    fam = get_family("ctrl")
+    desc = fam.inspect(folder)
+    assert desc["format"] == "released Ctrl-Adapter folder (ControlNetAdapter)"
+    assert desc["variant"] == "locations ABCM, 3 per location, 1 block(s) each"
+    assert desc["router"] == "2 conditions over 12 residuals"
+    assert desc["parameters"] == sum(v.numel() for v in sd.values()) + 26
+    fam.writers["folder"](ctrl, tmp_path / "ours")
+    again = load_ctrl_adapter([cn, _controlnet(5, unet)], adapter=tmp_path / "ours", unet=unet)
+    assert all(torch.equal(v, again.adapter.state_dict()[k]) for k, v in sd.items())
+    assert all(torch.equal(v, again.router.state_dict()[k]) for k, v in ctrl.router.state_dict().items())
+
     # a tensor of the wrong shape: refused with expected vs found
     bad = dict(sd)
     bad["down_blocks_adapter.0.proj_in.weight"] = torch.zeros(32, 16)
@@ -399,7 +411,8 @@ def test_family_form_preview_and_preprocessors(tmp_path):
     assert [w.key for w in fam.weights][:2] == ["controlnet", "adapter"] and not fam.weights[1].required
     assert fam.weights[0].folder == "controlnet" and fam.weights[1].folder == "ctrl"
     assert fam.comfy_nodes == ("AdapterStudioCtrlAdapterLoader", "AdapterStudioApplyCtrlAdapter")
-    assert fam.training == ()
+    assert [(t.script, t.configs, t.data_key) for t in fam.training] == [
+        ("train/ctrl_adapter.py", "ctrl_adapter*.yaml", "data_dir")]
     field = fam.field("image")
     assert field.preview is not None and fam.field("preprocessor").choices == tuple(PREPROCESSORS)
     photo = _img(7, 48)
@@ -419,10 +432,95 @@ def test_family_form_preview_and_preprocessors(tmp_path):
     got = fam.inputs_from_json({"image": ["b.png"], "image_2": [["b.png", "b.png"]], "skip_latents": "on"}, tmp_path)
     assert isinstance(got["image"], Image.Image) and len(got["image_2"]) == 1 and len(got["image_2"][0]) == 2
     assert got["skip_latents"] is True
+    # the form stores every field: a 2nd / 3rd condition's settings without its image are dropped, not refused
+    got = fam.inputs_from_json({"image": "b.png", "preprocessor": "canny", "preprocessor_2": "none",
+                                "conditioning_scale_3": 1.0, "skip_latents": "off"}, tmp_path)
+    assert set(got) == {"image", "preprocessor", "skip_latents"}
     with pytest.raises(StudioError, match="unknown Ctrl inputs \\['strength'\\]"):
         fam.inputs_from_json({"strength": 1}, tmp_path)
     with pytest.raises(StudioError, match="does not exist"):
         fam.inputs_from_json({"image": "missing.png"}, tmp_path)
+
+
+def _inspect(capsys, *argv) -> dict:
+    from adapter_studio.cli import main
+
+    assert main(["inspect", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _original_layout(widths=(8, 16, 16, 16), layers=2, cross=24) -> dict[str, torch.Tensor]:
+    """The key layout of the original ControlNet releases (lllyasviel `control_*.pth`: `control_model.` prefix,
+    `input_blocks.{i}` = conv_in, then per level its resnets (+ attention) and a downsampler `op`, `zero_convs.{i}`,
+    `input_hint_block`), at a tiny width: only the names and shapes matter here."""
+    sd = {"input_hint_block.0.weight": torch.zeros(4, 3, 3, 3),
+          "input_blocks.0.0.weight": torch.zeros(widths[0], 4, 3, 3)}
+    i, prev = 1, widths[0]
+    for level, w in enumerate(widths):
+        for _ in range(layers):
+            sd[f"input_blocks.{i}.0.in_layers.2.weight"] = torch.zeros(w, prev, 3, 3)
+            sd[f"input_blocks.{i}.0.out_layers.3.weight"] = torch.zeros(w, w, 3, 3)
+            if level < len(widths) - 1:
+                sd[f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(w, cross)
+            prev, i = w, i + 1
+        if level < len(widths) - 1:
+            sd[f"input_blocks.{i}.0.op.weight"] = torch.zeros(w, w, 3, 3)
+            i += 1
+    sd.update({f"zero_convs.{j}.0.weight": torch.zeros(4, 4, 1, 1) for j in range(i)})
+    return {f"control_model.{k}": v for k, v in sd.items()}
+
+
+def test_inspect_and_convert_controlnets_and_adapters(cns, tmp_path, capsys):
+    """`python -m adapter_studio inspect`: a ControlNet (folder, single file in diffusers' or the original key layout)
+    by the backbone it was made for, and whether it fits a preset; our adapter folder with its router. `convert --to
+    diffusers` turns a single file into a diffusers folder."""
+    from adapter_studio.cli import main
+
+    base = "ControlNet for cross_attention_dim 32, block widths 32, 64, 64 (1 layer per block)"
+    cns[0].save_pretrained(tmp_path / "cn")
+    d = _inspect(capsys, tmp_path / "cn", "--preset", "tiny-sd15")
+    assert (d["family"], d["format"], d["variant"], d["base"]) == ("ctrl", "diffusers ControlNet folder", "ControlNet",
+                                                                   base)
+    assert d["parameters"] == sum(p.numel() for p in cns[0].parameters()) and d["dtype"] == "float32"
+    assert d["fits tiny-sd15"].startswith("yes")
+    d = _inspect(capsys, tmp_path / "cn", "--preset", "tiny-sdxl")
+    assert d["fits tiny-sdxl"].startswith("no: ") and "another backbone" in d["fits tiny-sdxl"]
+    single = tmp_path / "sf" / "cn.safetensors"  # its config.json beside it (else diffusers asks the hub)
+    single.parent.mkdir()
+    (single.parent / "config.json").write_text((tmp_path / "cn" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in cns[0].state_dict().items()}, str(single))
+    d = _inspect(capsys, single)
+    assert (d["format"], d["base"]) == ("single-file ControlNet (diffusers keys)", base)
+    torch.save(_original_layout(), tmp_path / "control_tiny.pth")
+    d = _inspect(capsys, tmp_path / "control_tiny.pth")
+    assert d["format"] == "single-file ControlNet (original key layout)"
+    assert d["base"] == "ControlNet for cross_attention_dim 24, block widths 8, 16, 16, 16 (2 layers per block)"
+
+    sd15 = load_pipeline("tiny-sd15").unet
+    model = _adapter(cns[0], sd15)
+    CtrlAdapter(list(cns), model, CtrlRouter(num_experts=2, num_routers=6)).save_pretrained(tmp_path / "ad")
+    d = _inspect(capsys, tmp_path / "ad", "--preset", "tiny-sd15")
+    assert d["format"] == "Ctrl-Adapter folder (save_pretrained)"
+    assert d["variant"] == "spatial, 6 of 6 residuals + mid, 1 block(s) each"
+    assert d["base"]["target"] == ResidualLayout.from_config(sd15.config).describe()
+    assert d["base"]["cross_attention_dim"] == 32 and d["router"] == "2 conditions over 6 residuals"
+    assert d["parameters"] == sum(p.numel() for p in model.parameters()) + 14
+    assert "is a Ctrl-Adapter, not a ControlNet: give it as the unit's 'adapter'" in d["fits tiny-sd15"]
+
+    assert main(["convert", str(single), str(tmp_path / "cn_folder"), "--to", "diffusers", "--preset",
+                 "tiny-sd15"]) == 0
+    back = load_controlnet(tmp_path / "cn_folder")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in cns[0].state_dict().items())
+    assert main(["convert", str(single), str(tmp_path / "x"), "--to", "folder", "--preset", "tiny-sd15"]) == 2
+    assert "a plain ControlNet unit has no adapter weights" in capsys.readouterr().err
+    # what is not a ControlNet or a Ctrl-Adapter is refused, so `inspect` asks the other families
+    ip = IPAdapter.from_unet(sd15, 24)
+    save_file({k: v.contiguous() for k, v in ip.state_dict().items()}, str(tmp_path / "ip.safetensors"))
+    with pytest.raises(CheckpointError, match="not a ControlNet or a Ctrl-Adapter"):
+        get_family("ctrl").inspect(tmp_path / "ip.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        get_family("ctrl").inspect(tmp_path / "junk.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

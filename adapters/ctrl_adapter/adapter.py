@@ -110,8 +110,8 @@ class CtrlAdapter(ResidualAdapter):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the adapter (`config.json` + safetensors) and the router (in `router/`) to `folder`."""
         if self.adapter is None:
-            raise StudioError("a plain ControlNet unit has no adapter weights to save (save the ControlNet itself "
-                              "with controlnet.save_pretrained)")
+            raise StudioError("a plain ControlNet unit has no adapter weights to save (its ControlNet is saved with "
+                              "controlnet.save_pretrained, or `python -m adapter_studio convert ... --to diffusers`)")
         folder = Path(folder)
         self.adapter.save_pretrained(folder)
         if self.router is not None:

@@ -109,7 +109,9 @@ class CtrlAdapterBlock(nn.Module):
         Returns:
             `[n, C_out, H, W]`.
         """
-        hidden_states = resize(hidden_states, size)
+        # the ControlNet's residuals keep the latent's memory format (channels-last for a batch from the VAE), and
+        # torch's CPU GroupNorm backward crashes on a channels-last input that needs no gradient (torch 2.13)
+        hidden_states = resize(hidden_states, size).contiguous()
         n = hidden_states.shape[0]
         batch = n // num_frames
         dtype = hidden_states.dtype

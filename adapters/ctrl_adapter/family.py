@@ -1,9 +1,11 @@
-"""Ctrl-Adapter / ControlNet as a studio family ("ctrl"): its loader, its mix inputs and its unit form.
+"""Ctrl-Adapter / ControlNet as a studio family ("ctrl"): loader, mix inputs, unit form, training, inspect, writers.
 
 A unit holds one to three conditions: a ControlNet each (`controlnet`, `controlnet_2`, `controlnet_3`), fused per
 residual, then the optional Ctrl-Adapter (`adapter`, with its router in `router/` when it has one) carries them to the
 pipeline's model. Without an adapter the unit is a plain ControlNet (or diffusers' MultiControlNet: the residuals are
-summed). The unit's weight scales the result; its start/end are the step window.
+summed). The unit's weight scales the result; its start/end are the step window. `python -m adapter_studio inspect`
+describes ControlNets and adapters (`formats.inspect_ctrl`); `convert --to diffusers` writes a single-file ControlNet
+as a diffusers folder, and `writers["folder"]` writes a loaded unit's adapter (a released one, say) in our folder.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from adapter_studio.errors import MixError, StudioError
-from adapter_studio.family import Family, Field, Weights, WeightsFile
+from adapter_studio.family import Family, Field, TrainingScript, Weights, WeightsFile
 
 from .adapter import CtrlAdapter
 from .conditions import CONDITION_KEYS, FUSION_CHOICES, UNIT_KEYS, preview, suffix
-from .formats import load_ctrl_adapter
+from .formats import inspect_ctrl, load_ctrl_adapter
 from .preprocessors import PREPROCESSORS
 
 MAX_CONDITIONS = 3
@@ -60,14 +62,19 @@ def _images(value: Any, base_dir: Path | None, what: str) -> Any:
 
 
 def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """JSON unit inputs -> call inputs: `image[_k]` paths become images; the rest is kept (checked at the call)."""
+    """JSON unit inputs -> call inputs: `image[_k]` paths become images; the rest is kept (checked at the call).
+
+    The settings of a 2nd or 3rd condition without an image are dropped: the studio's form stores every field, so a
+    unit with one ControlNet carries the other conditions' defaults, which mean nothing there."""
     keys = {f"{key}{suffix(k)}" for key in CONDITION_KEYS for k in range(MAX_CONDITIONS)} | set(UNIT_KEYS)
     unknown = set(inputs) - keys
     if unknown:
         raise MixError(f"unknown Ctrl inputs {sorted(unknown)}; known: {', '.join(CONDITION_KEYS)} (and _2, _3), "
                        f"guess_mode, fusion")
+    empty = {f"{key}{suffix(k)}" for k in range(1, MAX_CONDITIONS) if inputs.get(f"image{suffix(k)}") in (None, [])
+             for key in CONDITION_KEYS}
     out: dict[str, Any] = {}
-    for key, val in inputs.items():
+    for key, val in ((k, v) for k, v in inputs.items() if k not in empty):
         if key in ("controlnet_prompt_embeds", "controlnet_negative_prompt_embeds"):
             raise MixError(f"Ctrl input {key!r} is a tensor: the Python API takes it, a mix does not")
         if key.startswith("image"):
@@ -107,6 +114,17 @@ def _condition_fields(k: int) -> tuple[Field, ...]:
     )
 
 
+def _save_adapter_folder(adapter: CtrlAdapter, path: Path) -> Path:
+    """Our adapter folder (`config.json` + safetensors, the router in `router/`)."""
+    return adapter.save_pretrained(path)
+
+
+def _save_controlnet(adapter: CtrlAdapter, path: Path) -> Path:
+    """The unit's (first) ControlNet as a diffusers folder: a single file (original or diffusers keys) converted."""
+    adapter.controlnets[0].save_pretrained(path)
+    return Path(path)
+
+
 FAMILY = Family(
     name="ctrl", label="Ctrl-Adapter / ControlNet", loader=load, inputs_from_json=inputs_from_json, order=30,
     help="Structure control: ControlNets on their own model, or carried to another model through a Ctrl-Adapter.",
@@ -116,15 +134,19 @@ FAMILY = Family(
         WeightsFile("controlnet_2", "2nd ControlNet (optional)", required=False, folder="controlnet"),
         WeightsFile("controlnet_3", "3rd ControlNet (optional)", required=False, folder="controlnet"),
     ),
+    # the first condition and the unit-wide settings first: the form lays fields out in this order
     fields=(
-        *(f for k in range(MAX_CONDITIONS) for f in _condition_fields(k)),
+        *_condition_fields(0),
         Field("skip_latents", "choice", "Latent skipping", default="off", choices=("off", "on"),
               info="the (1st) ControlNet sees the control image, not the noisy latent: for sparse controls"),
         Field("guess_mode", "choice", "Guess mode", default="off", choices=("off", "on"),
               info="the ControlNet ignores the prompt: only the conditional half, scales 0.1..1 by depth"),
         Field("fusion", "choice", "Several ControlNets", default="auto", choices=FUSION_CHOICES,
               info="auto: router if the adapter has one, else equal weights; sum = diffusers' MultiControlNet"),
+        *(f for k in range(1, MAX_CONDITIONS) for f in _condition_fields(k)),
     ),
-    training=(),
+    training=(TrainingScript("train/ctrl_adapter.py", "ctrl_adapter*.yaml", data_key="data_dir"),),
     comfy_nodes=("AdapterStudioCtrlAdapterLoader", "AdapterStudioApplyCtrlAdapter"),
+    inspect=inspect_ctrl,
+    writers={"folder": _save_adapter_folder, "diffusers": _save_controlnet},
 )

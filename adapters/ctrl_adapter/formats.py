@@ -15,11 +15,16 @@ Ctrl-Adapters:
   `num_adapters_per_location`, ...; weights `down_blocks_adapter.{i}...`, `mid_block_adapter...`), their router
   (`ControlNetRouter`, `down_blocks_router.{i}.wg.weight`) in `router/` or given apart. Their state dicts are our
   module's, key for key; the config is translated against the actual ControlNet and UNet, and every shape is checked.
+
+`inspect_ctrl` describes any of them without building a model (`python -m adapter_studio inspect`): a ControlNet by
+its prompt width and block widths (from its config, or from the tensor shapes of a single file in diffusers' or the
+original key layout), an adapter by the residuals it reads and writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +41,8 @@ from .router import CtrlRouter
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 # ------------------------------------------------------------------------------------------------ ControlNets
@@ -68,6 +75,9 @@ def load_controlnet(source: str | os.PathLike | nn.Module, config: str | None = 
                 return load_controlnet(path / files[0], config, torch_dtype)
             raise CheckpointError(f"{str(path)!r} is neither a diffusers ControlNet folder (config.json) nor a folder "
                                   f"with one weights file; found {files}")
+        if cfg.get("_class_name") in ("CtrlAdapterModel", "ControlNetAdapter"):
+            raise CheckpointError(f"{str(path)!r} is a Ctrl-Adapter, not a ControlNet: give it as the unit's "
+                                  "'adapter', with the ControlNet it reads as 'controlnet'")
         if cfg.get("_class_name") not in (None, "ControlNetModel"):
             raise CheckpointError(f"{str(path)!r} holds a {cfg.get('_class_name')}, not a ControlNetModel")
     try:
@@ -245,5 +255,147 @@ def load_ctrl_adapter(controlnets: str | os.PathLike | nn.Module | Sequence[str 
     return ctrl
 
 
-__all__ = ["load_adapter_model", "load_controlnet", "load_ctrl_adapter", "load_router",
+# ------------------------------------------------------------------------------------------------ inspect
+def _shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], str]:
+    """`({key: shape}, dtype)` of a weights file: the safetensors header only, else the pickle read with
+    `weights_only=True` (a checkpoint's `state_dict` unwrapped, the original `control_model.` prefix dropped)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+                dtype = SAFETENSORS_DTYPES.get(str(f.get_slice(keys[0]).get_dtype()), "?") if keys else "?"
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{str(path)!r} holds a {type(sd).__name__}, not a state dict")
+            tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else "?"
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  safetensors and pickles fail in several ways: one answer, naming the file
+        raise CheckpointError(f"cannot read {str(path)!r} as weights: {type(e).__name__}: {e}") from None
+    return {k.removeprefix("control_model."): v for k, v in shapes.items()}, dtype
+
+
+def _controlnet_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, list[int], int, bool]:
+    """`(cross_attention_dim, block widths, layers per block, SDXL added conditions)` of a ControlNet state dict, in
+    diffusers' key layout or the original one (`input_blocks.{i}`, `zero_convs.{i}`, `input_hint_block`)."""
+    cross = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:  # diffusers
+        widths, b = [], 0
+        while f"down_blocks.{b}.resnets.0.conv1.weight" in shapes:
+            widths.append(shapes[f"down_blocks.{b}.resnets.0.conv1.weight"][0])
+            b += 1
+        layers = len({k.split(".")[3] for k in shapes if k.startswith("down_blocks.0.resnets.")})
+        return cross, widths, layers, "add_embedding.linear_1.weight" in shapes
+    if "input_hint_block.0.weight" in shapes and "zero_convs.0.0.weight" in shapes:  # the original (lllyasviel)
+        blocks: list[list[int]] = [[]]
+        i = 1
+        while any(k.startswith(f"input_blocks.{i}.") for k in shapes):
+            if f"input_blocks.{i}.0.op.weight" in shapes:  # a downsampler closes a resolution level
+                blocks.append([])
+            else:
+                blocks[-1].append(shapes[f"input_blocks.{i}.0.out_layers.3.weight"][0])
+            i += 1
+        return cross, [b[0] for b in blocks if b], len(blocks[0]), "label_emb.0.0.weight" in shapes
+    raise CheckpointError("no ControlNet keys (controlnet_cond_embedding.*, or the original input_hint_block.* and "
+                          "zero_convs.*)")
+
+
+def _controlnet_base(cross: int | None, widths: list[int], layers: int) -> str:
+    return (f"ControlNet for cross_attention_dim {cross if cross is not None else '?'}, block widths "
+            f"{', '.join(map(str, widths))} ({layers} layer{'s' if layers != 1 else ''} per block)")
+
+
+def _controlnet_variant(sdxl: bool) -> str:
+    return "ControlNet (SDXL: added time ids and pooled text)" if sdxl else "ControlNet"
+
+
+def _inspect_controlnet_file(path: Path) -> dict[str, Any]:
+    shapes, dtype = _shapes(path)
+    try:
+        cross, widths, layers, sdxl = _controlnet_from_shapes(shapes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{str(path)!r} is not a ControlNet or a Ctrl-Adapter: {e}") from None
+    original = "input_hint_block.0.weight" in shapes
+    return {"format": f"single-file ControlNet ({'original key layout' if original else 'diffusers keys'})",
+            "variant": _controlnet_variant(sdxl), "base": _controlnet_base(cross, widths, layers),
+            "parameters": sum(math.prod(s) for s in shapes.values()), "dtype": dtype}
+
+
+def _folder_weights(folder: Path) -> tuple[dict[str, tuple[int, ...]], str]:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return _shapes(folder / name)
+    raise CheckpointError(f"{str(folder)!r} has no {' or '.join(WEIGHT_NAMES)}")
+
+
+def inspect_ctrl(path: str | os.PathLike) -> dict[str, Any]:
+    """What a ControlNet (diffusers folder or single file) or a Ctrl-Adapter folder (ours or released) is, without
+    building a model: format, variant, the base it was made for, parameters, dtype (`python -m adapter_studio
+    inspect`). Raises `CheckpointError` for anything else."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise CheckpointError(f"{str(path)!r}: a ControlNet file is one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+        return _inspect_controlnet_file(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} does not exist")
+    cfg = _read_config(path)
+    if cfg is None:
+        files = [p for p in path.iterdir() if p.suffix in SINGLE_FILE_SUFFIXES]
+        if len(files) != 1:
+            raise CheckpointError(f"{str(path)!r} holds no config.json and not exactly one weights file")
+        return _inspect_controlnet_file(files[0])
+    kind = cfg.get("_class_name")
+    if kind == "ControlNetModel":
+        shapes, dtype = _folder_weights(path)
+        layers = cfg.get("layers_per_block", 2)
+        return {"format": "diffusers ControlNet folder",
+                "variant": _controlnet_variant(cfg.get("addition_embed_type") == "text_time"),
+                "base": _controlnet_base(cfg.get("cross_attention_dim"), list(cfg.get("block_out_channels", [])),
+                                         layers if isinstance(layers, int) else layers[0]),
+                "parameters": sum(math.prod(s) for s in shapes.values()), "dtype": dtype}
+    if kind == "CtrlAdapterModel":
+        shapes, dtype = _folder_weights(path)
+        target = ResidualLayout(tuple(cfg["target_channels"]), tuple(cfg["target_levels"]),
+                                cfg["target_mid_channels"], cfg["target_mid_level"])
+        temporal = cfg.get("add_temporal_resnet") or cfg.get("add_temporal_transformer")
+        desc: dict[str, Any] = {
+            "format": "Ctrl-Adapter folder (save_pretrained)",
+            "variant": f"{'spatial + temporal' if temporal else 'spatial'}, {len(cfg['down_ids'])} of {len(target)} "
+                       f"residuals{' + mid' if cfg.get('add_mid') else ''}, {cfg.get('num_blocks')} block(s) each",
+            "base": {"ControlNet residual channels": " ".join(map(str, cfg["source_channels"]))
+                                                     + f", mid {cfg['source_mid_channels']}",
+                     "target": target.describe(), "cross_attention_dim": cfg.get("cross_attention_dim"),
+                     "ControlNet latent scale": cfg.get("source_scale", 1.0)},
+            "parameters": sum(math.prod(s) for s in shapes.values()), "dtype": dtype}
+    elif kind == "ControlNetAdapter" or "add_adapter_location_A" in cfg:
+        shapes, dtype = _folder_weights(path)
+        locations = "".join(x for x in "ABCDM" if cfg.get(f"add_adapter_location_{x}"))
+        desc = {"format": "released Ctrl-Adapter folder (ControlNetAdapter)",
+                "variant": f"locations {locations}, {cfg.get('num_adapters_per_location', 3)} per location, "
+                           f"{cfg.get('num_blocks', 2)} block(s) each",
+                "base": {"target": cfg.get("backbone_model_name", "?"),
+                         "cross_attention_dim": cfg.get("cross_attention_dim"),
+                         "ControlNet": "SD1.5-shaped (12 down residuals)"},
+                "parameters": sum(math.prod(s) for s in shapes.values()), "dtype": dtype}
+    else:
+        raise CheckpointError(f"{str(path)!r} holds a {kind!r}, not a ControlNet or a Ctrl-Adapter")
+    router = _read_config(path / "router") if (path / "router").is_dir() else None
+    if router is not None:
+        simple = router.get("router_type", "simple_weights") == "simple_weights"
+        desc["router"] = (f"{router.get('num_experts', 2)} conditions over {router.get('num_routers', 12)} residuals"
+                          if simple else "equal weights")
+        if simple:
+            desc["parameters"] += sum(math.prod(s) for s in _folder_weights(path / "router")[0].values())
+    return desc
+
+
+__all__ = ["inspect_ctrl", "load_adapter_model", "load_controlnet", "load_ctrl_adapter", "load_router",
            "upstream_adapter_config"]

@@ -100,12 +100,15 @@ class TrainingScript:
         configs: glob of its configs under `configs/train/` (`ip_adapter_*.yaml`).
         data_key: the config field the Train tab's data folder fills (None: the script takes no data folder).
         produces_adapter: the run's `final/` folder is a loadable adapter of the family (a trajectory recorder's is not).
+        weights: the `WeightsFile.key` that `final/` fills (Ctrl trains its adapter, not its ControlNet); None = the
+            family's first weights file.
     """
 
     script: str
     configs: str
     data_key: str | None = "data_dir"
     produces_adapter: bool = True
+    weights: str | None = None
 
 
 def _identity_inputs(inputs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -270,7 +270,7 @@ def test_a_v1_mix_in_a_png_still_loads_runs_and_restores_the_ui(engine, tmp_path
 
 
 def test_training_runner_takes_scripts_from_the_families_and_stops_a_run(tmp_path):
-    from adapter_studio.family import Family, TrainingScript
+    from adapter_studio.family import Family, TrainingScript, WeightsFile
     from adapter_studio.registry import register_family, unregister_family
     from adapter_studio.webapp.training_runner import TrainingError, TrainingRunner
 
@@ -295,10 +295,13 @@ def test_training_runner_takes_scripts_from_the_families_and_stops_a_run(tmp_pat
         "    time.sleep(0.05)\n")
     for name in ("slow_test", "slow_test_record", "orphan"):
         (cfgs / f"{name}.yaml").write_text("max_steps: 999\n")
+    # a family of two weights files whose training makes the second (as Ctrl trains its adapter, not its ControlNet)
     fam = register_family(Family(name="slowfam", label="Slow family", loader=lambda weights, pipe: None, order=1,
+                                 weights=(WeightsFile("base", "Base"), WeightsFile("adapter", "Adapter", folder="slowad")),
                                  training=(TrainingScript("scripts/record.py", "slow_*_record.yaml", data_key=None,
                                                           produces_adapter=False),
-                                           TrainingScript("scripts/slow.py", "slow_*.yaml", data_key="data_root"))))
+                                           TrainingScript("scripts/slow.py", "slow_*.yaml", data_key="data_root",
+                                                          weights="adapter"))))
     try:
         r = TrainingRunner(configs_dir=cfgs, root=tmp_path, runs_dir=tmp_path / "runs", launcher="python")
         assert r.configs() == ["slow_test", "slow_test_record"]  # no family's glob takes "orphan"
@@ -325,8 +328,8 @@ def test_training_runner_takes_scripts_from_the_families_and_stops_a_run(tmp_pat
             r.add_to_models(tmp_path / "models")
         (run.output_dir / "final").mkdir()
         (run.output_dir / "final" / "config.json").write_text("{}")
-        assert r.add_to_models(tmp_path / "models") == f"slowfam/{run.output_dir.name}"
-        assert (tmp_path / "models" / "slowfam" / run.output_dir.name / "config.json").is_file()
+        assert r.add_to_models(tmp_path / "models") == f"slowad/{run.output_dir.name}"
+        assert (tmp_path / "models" / "slowad" / run.output_dir.name / "config.json").is_file()
         # a run whose entry makes no adapter (a trajectory recorder) is refused by "Add to models"
         rec = r.start("slow_test_record", output_dir=str(tmp_path / "rec"))
         rec.process.wait(30)

@@ -91,3 +91,13 @@ def test_config_parsing_and_errors(tmp_path):
     y.write_text("max_steps: 3\n  bad: [\n")
     with pytest.raises(ConfigError, match=r"c.yaml line 2: not valid YAML \(mapping values are not allowed here\)"):
         parse_config(TrainConfig, ["--config", str(y)])
+
+
+def test_a_list_field_takes_yaml_on_the_command_line():
+    from adapter_studio.adapters.agd.training import AGDTrainConfig
+
+    cfg = parse_config(AGDTrainConfig, ["--trajectories", "x", "--validation_prompts", "[a cat, a red dog]",
+                                        "--validation_guidance_scales", "[2, 4.5]"])
+    assert cfg.validation_prompts == ["a cat", "a red dog"] and cfg.validation_guidance_scales == [2.0, 4.5]
+    with pytest.raises(ConfigError, match="validation_prompts.*takes a list"):
+        parse_config(AGDTrainConfig, ["--trajectories", "x", "--validation_prompts", "a cat"])

@@ -187,8 +187,14 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"config field {name!r} takes a string, got {value!r}")
         return str(value)
     if tp is list or origin is list:
+        if isinstance(value, str):  # from the command line: `--validation_prompts "[a cat, a dog]"` is YAML
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
         if not isinstance(value, list):
-            raise ConfigError(f"config field {name!r} takes a list, got {value!r}")
+            raise ConfigError(f"config field {name!r} takes a list (on the command line as YAML: \"[a, b]\"), "
+                              f"got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return value if item is Any else [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
     return value

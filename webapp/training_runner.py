@@ -185,7 +185,9 @@ class TrainingRunner:
         if not final.is_dir():
             raise TrainingError("the run has no final adapter yet (it is written when training finishes)")
         models_dir = Path(models_dir)
-        dest = models_dir / weights_folder(run.family) / run.output_dir.name
+        keys = [w.key for w in run.family.weights]
+        index = keys.index(run.entry.weights) if run.entry.weights in keys else 0
+        dest = models_dir / weights_folder(run.family, index) / run.output_dir.name
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(final, dest)

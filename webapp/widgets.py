@@ -155,7 +155,8 @@ def build_unit(i: int, fams: list[Family], engine: Engine, slots: int, visible: 
                             u.fields[(fam.name, f.key)] = field_component(f, field_visible(f, defaults))
                             if f.preview:
                                 u.previews[(fam.name, f.key)] = gr.Image(label=f"{f.label} — preview", height=150,
-                                                                         interactive=False)
+                                                                         interactive=False,
+                                                                         elem_classes=["unit-preview"])
                 with gr.Row():
                     for f in fam.fields:
                         if f.kind in ("choice", "number", "int"):

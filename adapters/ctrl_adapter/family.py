@@ -145,7 +145,7 @@ FAMILY = Family(
               info="auto: router if the adapter has one, else equal weights; sum = diffusers' MultiControlNet"),
         *(f for k in range(1, MAX_CONDITIONS) for f in _condition_fields(k)),
     ),
-    training=(TrainingScript("train/ctrl_adapter.py", "ctrl_adapter*.yaml", data_key="data_dir"),),
+    training=(TrainingScript("train/ctrl_adapter.py", "ctrl_adapter*.yaml", data_key="data_dir", weights="adapter"),),
     comfy_nodes=("AdapterStudioCtrlAdapterLoader", "AdapterStudioApplyCtrlAdapter"),
     inspect=inspect_ctrl,
     writers={"folder": _save_adapter_folder, "diffusers": _save_controlnet},

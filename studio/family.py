@@ -197,5 +197,6 @@ class Family:
                 "weights": [{"key": w.key, "label": w.label, "required": w.required, "folder": w.folder or self.name}
                             for w in self.weights],
                 "fields": [f.to_json() for f in self.fields],
-                "training": [{"script": t.script, "configs": t.configs, "data_key": t.data_key} for t in self.training],
+                "training": [{"script": t.script, "configs": t.configs, "data_key": t.data_key, "weights": t.weights}
+                             for t in self.training],
                 "comfy_nodes": list(self.comfy_nodes), "formats_written": sorted(self.writers)}

@@ -16,6 +16,7 @@ from typing import Any
 
 from adapter_studio.errors import MixError, StudioError
 from adapter_studio.family import Family, Field, TrainingScript, Weights, WeightsFile
+from adapter_studio.files import input_image
 
 from .adapter import CtrlAdapter
 from .conditions import CONDITION_KEYS, FUSION_CHOICES, UNIT_KEYS, preview, suffix
@@ -38,19 +39,7 @@ def load(weights: Weights, pipe: Any) -> CtrlAdapter:
 
 
 def _image(p: Any, base_dir: Path | None, what: str) -> Any:
-    from PIL import Image
-
-    if p is None:
-        return None
-    if not isinstance(p, str):
-        raise MixError(f"Ctrl input {what!r}: a path string (or a list of them), got {type(p).__name__}")
-    path = Path(p)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
-    if not path.is_file():
-        raise MixError(f"Ctrl input {what!r}: {p!r} does not exist")
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return None if p is None else input_image(p, base_dir, f"Ctrl {what}")  # None: no control for that sample
 
 
 def _images(value: Any, base_dir: Path | None, what: str) -> Any:

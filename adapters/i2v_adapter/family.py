@@ -9,6 +9,7 @@ from typing import Any
 
 from adapter_studio.errors import MixError
 from adapter_studio.family import Family, Field, TrainingScript, Weights
+from adapter_studio.files import input_image
 
 from .first_frame import FSP_BLUR_SIGMA, FSP_SHARP_RATIO
 from .formats import inspect_weights, load_i2v_adapter, save_original
@@ -46,18 +47,7 @@ def inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[str,
             out[key] = float(v)
     if "image" not in inputs:
         return out
-    p = inputs["image"]
-    if not isinstance(p, str):
-        raise MixError(f"I2V-Adapter input 'image' must be a path string, got {type(p).__name__}")
-    path = Path(p)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
-    if not path.is_file():
-        raise MixError(f"I2V-Adapter input 'image': {p!r} does not exist")
-    from PIL import Image
-
-    with Image.open(path) as im:
-        out["image"] = im.convert("RGB")
+    out["image"] = input_image(inputs["image"], base_dir, "I2V-Adapter image")
     return out
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adapter_studio.errors import CheckpointError
+from adapter_studio.files import read_state_dict
 
 from .modeling_i2v_adapter import PARAMS, I2VAdapter, check_fits, spatial_self_attention_layers
 
@@ -42,22 +43,8 @@ _KEY = re.compile(r"^(?:.*?\.)?((?:down_blocks|mid_block|up_blocks)\..*\.attn1)\
 
 def read_weights(path: str | os.PathLike) -> dict[str, Any]:
     """The flat dict of a `.safetensors` file or of a pickle (through `weights_only=True`; `state_dict` unwrapped)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise CheckpointError(f"cannot read I2V-Adapter weights {str(path)!r}: the file is truncated, not a "
-                              f"safetensors / PyTorch checkpoint, or a pickle that needs code to load "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict")
-    return obj
+    obj = read_state_dict(path, "I2V-Adapter weights")
+    return obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
 
 
 def layer_tensors(sd: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

@@ -25,6 +25,7 @@ from adapter_studio.errors import StudioError
 from adapter_studio.presets import load_pipeline
 from adapter_studio.train import loop
 from adapter_studio.train.config import ConfigError, DataError, TrainConfig, TrainingError, parse_config
+from adapter_studio.train.demo_data import wants_demo_data
 from adapter_studio.train.loop import TrainingStopped, list_checkpoints, run_cli, train
 
 IP_CONFIG = ROOT / "configs" / "train" / "ip_adapter_tiny.yaml"
@@ -294,8 +295,8 @@ def test_demo_data_only_where_asked_and_a_typo_is_an_error(data, tmp_path, capsy
     yaml_cfg = tmp_path / "own.yaml"
     yaml_cfg.write_text(IP_CONFIG.read_text().replace("data/ip_adapter_tiny", str(tmp_path / "own_data")))
     cfg = parse_config(IPAdapterTrainConfig, ["--config", str(yaml_cfg)])
-    assert cfg.wants_demo_data()
-    assert not parse_config(IPAdapterTrainConfig, ["--config", str(yaml_cfg), "--data_dir", "x"]).wants_demo_data()
+    assert wants_demo_data(cfg)
+    assert not wants_demo_data(parse_config(IPAdapterTrainConfig, ["--config", str(yaml_cfg), "--data_dir", "x"]))
 
 
 def test_captions_under_another_key_are_refused_and_some_missing_are_counted(data, tmp_path, capsys):

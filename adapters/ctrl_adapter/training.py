@@ -27,8 +27,6 @@ Every checkpoint's `adapter/` folder (and `final/`) is our adapter folder (`conf
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -42,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.config import ConfigError, DataError, TrainConfig
-from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main, warn
+from adapter_studio.train.demo_data import ensure_data_dir
+from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main
 
 from .adapter import CtrlAdapter
 from .conditions import suffix
@@ -131,11 +130,6 @@ class CtrlAdapterTrainConfig(TrainConfig):
     @property
     def condition_preprocessors(self) -> list[str]:
         return list(self.preprocessors or ["canny"] * len(self.controlnets))
-
-    def wants_demo_data(self) -> bool:
-        """Whether `make_demo_data` applies to `data_dir` (both given in the same place, see the field)."""
-        cli = getattr(self, "cli_fields", frozenset())
-        return bool(self.make_demo_data and self.data_dir) and (("make_demo_data" in cli) == ("data_dir" in cli))
 
 
 # ------------------------------------------------------------------------------------------------ demo data
@@ -448,21 +442,8 @@ class CtrlAdapterTask(TrainingTask):
         return adapter, router
 
     def _demo_data(self) -> None:
-        """Write `make_demo_data` demo items into the (not yet existing) `data_dir`, or refuse the missing folder."""
-        cfg, folder = self.cfg, Path(self.cfg.data_dir)
-        if not cfg.wants_demo_data():
-            hint = ""
-            if cfg.make_demo_data:
-                hint = (" (make_demo_data in the config file writes demo data only into the config's own data_dir; "
-                        "add --make_demo_data N to write it into this one)")
-            raise ConfigError(f"data_dir {folder} does not exist{hint}")
-        # written beside and renamed: a run killed while writing leaves no half-filled data folder behind
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_demo_data(tmp, cfg.make_demo_data, seed=cfg.seed)
-        os.replace(tmp, folder)
-        warn(f"wrote {cfg.make_demo_data} generated demo images (and a tiny random ControlNet) into {folder} "
-             "(make_demo_data)")
+        ensure_data_dir(self.cfg, lambda folder: write_demo_data(folder, self.cfg.make_demo_data, seed=self.cfg.seed),
+                        "demo images (and a tiny random ControlNet)")
 
     def dataset(self) -> CtrlAdapterDataset:
         return CtrlAdapterDataset(self.records, self.resolution, self.cfg.condition_preprocessors)

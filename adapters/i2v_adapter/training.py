@@ -20,8 +20,6 @@ names.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +31,8 @@ from torch.utils.data import DataLoader
 
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.config import ConfigError, TrainConfig
-from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main, warn
+from adapter_studio.train.demo_data import ensure_data_dir
+from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main
 
 from .data import ClipDataset, make_windows, read_metadata, write_demo_clips
 from .formats import load_i2v_adapter
@@ -81,11 +80,6 @@ class I2VAdapterTrainConfig(TrainConfig):
             raise ConfigError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not self.caption_column:
             raise ConfigError("caption_column is empty")
-
-    def wants_demo_data(self) -> bool:
-        """Whether `make_demo_data` applies to `data_dir` (both given in the same place, see the field)."""
-        cli = getattr(self, "cli_fields", frozenset())
-        return bool(self.make_demo_data and self.data_dir) and (("make_demo_data" in cli) == ("data_dir" in cli))
 
 
 class I2VTrainable(nn.Module):
@@ -197,21 +191,10 @@ class I2VAdapterTask(TrainingTask):
         return model, trainable
 
     def _demo_data(self) -> None:
-        """Write `make_demo_data` demo clips into the (not yet existing) `data_dir`, or refuse the missing folder."""
-        cfg, folder = self.cfg, Path(self.cfg.data_dir)
-        if not cfg.wants_demo_data():
-            hint = ""
-            if cfg.make_demo_data:
-                hint = (" (make_demo_data in the config file writes demo clips only into the config's own data_dir; "
-                        "add --make_demo_data N to write them into this one)")
-            raise ConfigError(f"data_dir {folder} does not exist{hint}")
-        # written beside and renamed: a run killed while writing leaves no half-filled data folder behind
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        cfg = self.cfg
         span = (cfg.num_frames - 1) * cfg.frame_stride + 1
-        write_demo_clips(tmp, cfg.make_demo_data, size=cfg.resolution or 64, frames=2 * span, seed=cfg.seed)
-        os.replace(tmp, folder)
-        warn(f"wrote {cfg.make_demo_data} generated moving-shape clips into {folder} (make_demo_data)")
+        ensure_data_dir(cfg, lambda folder: write_demo_clips(folder, cfg.make_demo_data, size=cfg.resolution or 64,
+                                                             frames=2 * span, seed=cfg.seed), "moving-shape clips")
 
     def dataset(self) -> ClipDataset:
         return ClipDataset(self.windows, self.pipe.tokenizer, self.cfg.num_frames, self.cfg.frame_stride,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.config import ConfigError, DataError, TrainConfig
+from adapter_studio.train.demo_data import ensure_data_dir
 from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main, warn
 
 from .adapter import IPAdapter
@@ -91,11 +90,6 @@ class IPAdapterTrainConfig(TrainConfig):
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.caption_column:
             raise ConfigError("caption_column is empty")
-
-    def wants_demo_data(self) -> bool:
-        """Whether `make_demo_data` applies to `data_dir` (both given in the same place, see the field)."""
-        cli = getattr(self, "cli_fields", frozenset())
-        return bool(self.make_demo_data and self.data_dir) and (("make_demo_data" in cli) == ("data_dir" in cli))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -394,22 +388,8 @@ class IPAdapterTask(TrainingTask):
         return model, adapter
 
     def _demo_data(self) -> None:
-        """A missing `data_dir`: write `make_demo_data` demo images into it when asked (see the field), else refuse."""
-        cfg, folder = self.cfg, Path(self.cfg.data_dir)
-        if folder.exists():
-            return
-        if not cfg.wants_demo_data():
-            hint = ""
-            if cfg.make_demo_data:
-                hint = (" (make_demo_data in the config file writes demo images only into the config's own data_dir; "
-                        "add --make_demo_data N to write them into this one)")
-            raise ConfigError(f"data_dir {folder} does not exist{hint}")
-        # written beside and renamed: a run killed while writing leaves no half-filled data folder behind
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_demo_data(tmp, cfg.make_demo_data, seed=cfg.seed)
-        os.replace(tmp, folder)
-        warn(f"wrote {cfg.make_demo_data} generated demo images into {folder} (make_demo_data)")
+        ensure_data_dir(self.cfg, lambda folder: write_demo_data(folder, self.cfg.make_demo_data, seed=self.cfg.seed),
+                        "demo images")
 
     def _cached_embeds(self, dataset: IPAdapterDataset, hidden: bool, device: torch.device) -> torch.Tensor:
         """Image embeddings of the whole dataset, computed once by the main process and shared through a file."""

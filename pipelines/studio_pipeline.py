@@ -29,10 +29,13 @@ class StudioPipeline:
       through diffusers' `callback_on_step_end` (a callback you pass runs after them).
     """
 
-    def __init__(self, pipe: Any, stack: AdapterStack | None = None):
+    def __init__(self, pipe: Any, stack: AdapterStack | None = None, compile: bool | dict[str, Any] = False):
         """Wrap `pipe`. Without `stack` a new one is attached to `pipe.unet` and owned by this wrapper: plain
         `pipe(...)` calls then run it too. A given `stack` (a training task's, for validation) stays the caller's:
-        plain calls of `pipe` leave it alone."""
+        plain calls of `pipe` leave it alone.
+
+        `compile=True` (or a dict of `torch.compile` options: backend, mode, fullgraph, ...) runs the UNet compiled
+        with the stack in it (`AdapterStack.compile`: fullgraph, CUDA graphs on CUDA); see docs/performance.md."""
         self.pipe = pipe
         own = stack is None
         self.stack = stack if stack is not None else AdapterStack()  # an empty stack is falsy (len 0)
@@ -46,13 +49,23 @@ class StudioPipeline:
         # samplers are built from the model's own scheduler config, not from the last sampler's (which may carry
         # Karras sigmas or another solver's settings into the next)
         self._scheduler_config = dict(pipe.scheduler.config)
+        self._compile_options: dict[str, Any] | None = None
+        if compile:
+            self.compile(**(compile if isinstance(compile, dict) else {}))
+
+    def compile(self, **options: Any) -> "StudioPipeline":
+        """Compile the UNet with the stack attached (`AdapterStack.compile` options); the first call then compiles."""
+        self.stack.compile(**options)
+        self._compile_options = dict(options)
+        return self
 
     @classmethod
-    def from_preset(cls, model: str = "tiny-sd15", torch_dtype: torch.dtype | None = None, **overrides: Any) -> "StudioPipeline":
-        """Build the diffusers pipeline of a preset / hub id / local folder and wrap it."""
+    def from_preset(cls, model: str = "tiny-sd15", torch_dtype: torch.dtype | None = None,
+                    compile: bool | dict[str, Any] = False, **overrides: Any) -> "StudioPipeline":
+        """Build the diffusers pipeline of a preset / hub id / local folder and wrap it (`compile`: see `__init__`)."""
         from adapter_studio.presets import load_pipeline
 
-        return cls(load_pipeline(model, torch_dtype=torch_dtype, **overrides))
+        return cls(load_pipeline(model, torch_dtype=torch_dtype, **overrides), compile=compile)
 
     # ---- adapters
     def add(self, adapter: StudioAdapter, name: str | None = None, scale: Scale = 1.0, start: float = 0.0,
@@ -68,6 +81,8 @@ class StudioPipeline:
         self.pipe.to(*args, **kwargs)
         for slot in self.stack:
             slot.adapter.to(*args, **kwargs)
+        if self._compile_options is not None and self.stack.compiled:  # mode "auto" depends on the device
+            self.stack.compile(**self._compile_options)
         return self
 
     @property

@@ -32,6 +32,8 @@ class ComposingAttnProcessor:
     ) -> torch.Tensor:
         out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                         attention_mask=attention_mask, **kwargs)
+        if getattr(self.stack, "static", False):
+            return self._static(out, attn, hidden_states, encoder_hidden_states)
         ctx = self.stack.context
         slots = self.stack.slots_for_layer(self.layer)
         if ctx is None or not slots:
@@ -45,4 +47,19 @@ class ComposingAttnProcessor:
                 out = torch.add(out, contrib, alpha=gate)
             else:
                 out = out + slot.gate_tensor(gate, contrib, ctx) * contrib
+        return out
+
+    def _static(self, out: torch.Tensor, attn: torch.nn.Module, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """Compiled mode: every enabled adapter on this layer runs and is multiplied by its gate tensor (zero where
+        it is off), so the traced graph has no branch on scales, windows or masks (`AdapterStack.compile`)."""
+        ctx = self.stack.context
+        if ctx is None:
+            return out
+        for slot, i in self.stack._static_layers.get(self.layer, ()):
+            contrib = slot.adapter.contribution(self.layer, attn, hidden_states, encoder_hidden_states, slot.state, ctx)
+            gate = slot._static_gates[i]
+            if gate.shape[0] != contrib.shape[0]:  # video: [N] -> [N * frames], (b f) order
+                gate = gate.repeat_interleave(contrib.shape[0] // gate.shape[0])
+            out = out + gate.to(contrib.dtype).view(-1, *([1] * (contrib.ndim - 1))) * contrib
         return out

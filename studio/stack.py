@@ -45,6 +45,8 @@ class Slot:
     _gate_uniform: float | None = None  # set when every sample has the same gate: one scalar add per layer
     _gate_on_device: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _layer_scales: dict[str, float] = field(default_factory=dict)
+    # compiled mode: `[layers of the adapter, N]` gate x per-layer scale on the UNet's device, set every forward
+    _static_gates: torch.Tensor | None = None
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "scale":
@@ -114,6 +116,11 @@ class AdapterStack:
         self._hook: Any = None
         self._by_layer: dict[str, list[Slot]] = {}
         self._timesteps_cache: tuple[Any, torch.Tensor | None] = (None, None)
+        #: compiled mode (`compile()`): every enabled attention adapter runs at every layer it covers, multiplied by
+        #: its gate as a device tensor, so that scales, windows, masks and inputs are tensor values, not branches
+        self.static = False
+        self._static_layers: dict[str, list[tuple[Slot, int]]] = {}
+        self._compiled: Any = None
 
     # ---- attach / detach
     def attach(self, unet: nn.Module) -> "AdapterStack":
@@ -134,9 +141,81 @@ class AdapterStack:
     def detach(self) -> None:
         if self.unet is None:
             return
+        self.uncompile()
         self._hook.remove()
         self.unet.set_attn_processor(self._original)
         self.unet, self._original, self._hook, self.context = None, None, None, None
+
+    # ---- compiled mode
+    def compile(self, backend: Any = "inductor", mode: str | None = "auto", fullgraph: bool = True,
+                dynamic: bool | None = False, recompile_limit: int | None = 64, **options: Any) -> Any:
+        """Compile the attached UNet's forward with the stack in it; returns the compiled callable.
+
+        The boundary: `torch.compile` wraps `unet.forward` (set as an instance attribute), so `unet(...)` still runs
+        the stack's forward pre-hook eagerly — progress, gates, `begin_call` / `prepare` (image tokens, folded K/V,
+        AGD's w and t embeddings), latent pinning and residual adapters — and hands the compiled body only tensors:
+        per adapter a `[layers, N]` gate (window x per-sample mask x per-layer scale) and its prepared state.
+        Changing a scale, a window, a mask or an input between calls changes tensor values only: no recompilation.
+        Adding, removing, enabling or disabling an adapter (or switching a mask or per-sample references on or off)
+        changes the graph's structure and may recompile once.
+
+        `mode="auto"`: "reduce-overhead" (CUDA graphs) with inductor on CUDA, the default elsewhere.
+        `recompile_limit`: raises torch's process-wide `torch._dynamo.config.recompile_limit` (default 8) to at least
+        this: every mix structure (adapters, batch size, resolution) is one cached graph, and with `fullgraph=True`
+        the ninth would otherwise fail hard. None leaves torch's setting alone.
+        """
+        if self.unet is None:
+            raise StudioError("attach the stack to a UNet before compiling it")
+        self.uncompile()
+        unet = self.unet
+        if recompile_limit is not None and torch._dynamo.config.recompile_limit < recompile_limit:
+            torch._dynamo.config.recompile_limit = recompile_limit
+        if mode == "auto":
+            mode = "reduce-overhead" if backend == "inductor" and unet.device.type == "cuda" else None
+        kw = dict(backend=backend, fullgraph=fullgraph, dynamic=dynamic, **options)
+        if mode is not None:
+            kw["mode"] = mode
+        self._compiled = torch.compile(unet.forward, **kw)
+        unet.forward = self._compiled  # an instance attribute: nn.Module.__call__ runs the pre-hook, then this
+        self.static = True
+        return self._compiled
+
+    def uncompile(self) -> None:
+        """Back to the eager path (the compiled code is dropped)."""
+        if self._compiled is not None and self.unet is not None and self.unet.__dict__.get("forward") is self._compiled:
+            del self.unet.__dict__["forward"]
+        self._compiled = None
+        self.static = False
+        self._static_layers = {}
+        for slot in self.slots.values():
+            slot._static_gates = None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _static_prepare(self, ctx: ForwardContext, n: int, cfg: bool, device: torch.device,
+                        dtype: torch.dtype) -> None:
+        """Compiled mode, in the pre-hook: gates of every enabled attention adapter as `[layers, N]` device tensors
+        (zeros where it is off) and its state, whatever its window and mask say this forward."""
+        layers: dict[str, list[tuple[Slot, int]]] = {}
+        for slot in self.slots.values():
+            slot._static_gates = None
+            if not slot.enabled or not isinstance(slot.adapter, AttentionAdapter):
+                continue
+            if slot._gate is None:  # off in this forward: prepared all the same, so the graph keeps its shape
+                try:
+                    slot.state = slot.adapter.prepare(self._inputs(slot), ctx)
+                except StudioError:  # inputs an inactive adapter cannot take here (AGD in a CFG batch): leave it out
+                    slot.state = None
+                    continue
+            gate = slot._gate if slot._gate is not None else torch.zeros(n, dtype=torch.float32)
+            names = slot.adapter.layer_names()
+            scales = torch.tensor([float(layer_scale(slot.scale, layer)) for layer in names], dtype=torch.float32)
+            slot._static_gates = (scales[:, None] * gate[None, :]).to(device=device, dtype=dtype)
+            for i, layer in enumerate(names):
+                layers.setdefault(layer, []).append((slot, i))
+        self._static_layers = layers
 
     @property
     def attached(self) -> bool:
@@ -312,6 +391,8 @@ class AdapterStack:
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
         ctx.progress = self._progress(t_cpu, scheduler)
         self.context = ctx
+        if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
+            ctx.cache["static"] = True
         active: list[Slot] = []
         for slot in self.slots.values():
             slot._gate = self._gate(slot, ctx.progress, n, cfg)
@@ -348,6 +429,8 @@ class AdapterStack:
             mid = torch.zeros_like(down[-1]) if mid is None else slot.gate_tensor(slot._gate * mid_scale, mid, ctx) * mid
             down_res = down if down_res is None else [a + b for a, b in zip(down_res, down)]
             mid_res = mid if mid_res is None else mid_res + mid
+        if self.static:
+            self._static_prepare(ctx, n, cfg, kwargs["sample"].device, module.dtype)
         if down_res is not None:
             given = kwargs.get("down_block_additional_residuals")
             kwargs["down_block_additional_residuals"] = (

@@ -75,6 +75,8 @@ class IPForwardState:
     mask: torch.Tensor | None = None
     cache: dict[Any, Any] | None = None
     local: dict[Any, Any] = field(default_factory=dict)
+    #: compiled mode: `{layer: (k_fold, k_bias, v_fold) or (k, v)}` computed in the stack's pre-hook, outside the graph
+    layers: dict[str, tuple] | None = None
 
     def memo(self, key: Any, make: Any) -> Any:
         store = self.cache if self.cache is not None else self.local
@@ -217,7 +219,44 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
             mask = torch.cat([mask, mask])
         elif mask is not None and mask.shape[0] not in (1, n):
             raise StudioError(f"IP-Adapter mask has {mask.shape[0]} entries for a batch of {b} samples")
-        return IPForwardState(tokens=tokens, mask=mask, cache=cache)
+        state = IPForwardState(tokens=tokens, mask=mask, cache=cache)
+        if ctx.cache.get("static"):
+            state.layers = self.layer_keys_values(state, ctx.unet)
+        return state
+
+    def layer_keys_values(self, state: IPForwardState, unet: nn.Module) -> dict[str, tuple]:
+        """Compiled mode: every layer's image keys/values (folded where cheaper) for this forward, at once.
+
+        The `to_k_ip` / `to_v_ip` of all layers sharing a width run as one batched product per forward (and not at
+        all while the per-call cache holds them), so the compiled layers only read tensors."""
+        tokens = state.tokens
+        g, t = tokens.shape[:2]
+        dtype = unet.dtype
+        device = tokens.device
+        names = self.layer_names()
+        out: dict[str, tuple] = {}
+        todo = [name for name in names if (state.cache or {}).get(("static", name, g, dtype, device)) is None]
+        groups: dict[tuple, list[str]] = {}
+        for name in todo:
+            w = self.ip_adapter[self._key_of[name]]
+            groups.setdefault((tuple(w.to_k_ip.weight.shape), w.to_k_ip.weight.dtype), []).append(name)
+        for (_, wdtype), group in groups.items():
+            wk = torch.stack([self.ip_adapter[self._key_of[n]].to_k_ip.weight for n in group])  # [Lg, inner, C]
+            wv = torch.stack([self.ip_adapter[self._key_of[n]].to_v_ip.weight for n in group])
+            x = tokens.to(wdtype)
+            ks = torch.einsum("gtc,lic->lgti", x, wk).to(dtype)
+            vs = torch.einsum("gtc,lic->lgti", x, wv).to(dtype)
+            for j, name in enumerate(group):
+                attn = unet.get_submodule(name[: -len(".processor")])
+                k, v = ks[j], vs[j]
+                val = ipa.fold(attn, k, v) if ipa.use_folded(attn, t) else (k, v)
+                if state.cache is not None and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in val):
+                    state.cache[("static", name, g, dtype, device)] = val
+                out[name] = val
+        for name in names:
+            if name not in out:
+                out[name] = state.cache[("static", name, g, dtype, device)]
+        return out
 
     def contribution(self, layer: str, attn: nn.Module, hidden_states: torch.Tensor,
                      encoder_hidden_states: torch.Tensor | None, state: IPForwardState,
@@ -237,6 +276,11 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
         weights = self.ip_adapter[self._key_of[layer]]
         xg = x.reshape(g, (n // g) * length, c_in)
         key = (layer, g, x.dtype, x.device)
+        if state.layers is not None:  # compiled mode: keys/values from the pre-hook, no memo in the graph
+            kv = state.layers[layer]
+            out = ipa.folded_attention(xg, *kv, attn.heads) if len(kv) == 3 else ipa.standard_attention(attn, xg, *kv)
+            return self._finish(out, state, attn, ctx, n, length, x, spatial, (n_, h_, w_) if spatial else None,
+                                memo=False)
 
         def keys_values() -> tuple[torch.Tensor, torch.Tensor]:
             # in the adapter's dtype (it may train in fp32 on a half-precision UNet), then the layer's
@@ -249,16 +293,22 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
         else:
             k, v = state.memo(("kv",) + key, keys_values)
             out = ipa.standard_attention(attn, xg, k, v)
+        return self._finish(out, state, attn, ctx, n, length, x, spatial, (n_, h_, w_) if spatial else None)
+
+    @staticmethod
+    def _finish(out: torch.Tensor, state: IPForwardState, attn: nn.Module, ctx: ForwardContext, n: int, length: int,
+                x: torch.Tensor, spatial: bool, shape: tuple[int, int, int] | None, memo: bool = True) -> torch.Tensor:
         out = out.reshape(n, length, -1)
         if state.mask is not None:
             def layer_mask() -> torch.Tensor:  # [1 or n, length, 1]
                 m = downsample_mask(state.mask.to(device=x.device, dtype=x.dtype), ctx.spatial_size(length))
                 return ctx.expand(m, n) if m.shape[0] > 1 else m
 
-            out = out * state.memo(("mask", length, n), layer_mask)
+            out = out * (state.memo(("mask", length, n), layer_mask) if memo else layer_mask())
         if attn.rescale_output_factor != 1.0:
             out = out / attn.rescale_output_factor
         if spatial:
+            n_, h_, w_ = shape
             out = out.transpose(1, 2).reshape(n_, -1, h_, w_)
         return out
 

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "0 = no budget (default by device: 7.9M on cpu = 512x512 at 30 steps, 210M on cuda)")
     p.add_argument("--adapter-cache-mb", type=int, default=2048,
                    help="memory for loaded adapters kept between calls, in MiB of parameters (2048; 0 = none)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet compiled (torch.compile fullgraph, CUDA graphs on CUDA); the first call of each "
+                        "mix structure, batch size or resolution compiles (off)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return p.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model=args.model, models_dir=args.models_dir, outputs_dir=args.outputs_dir,
                         max_concurrency=args.max_concurrency, device=args.device,
                         limits=Limits(max_pixel_steps=args.max_pixel_steps),
-                        adapter_cache_bytes=args.adapter_cache_mb * 2**20)
+                        adapter_cache_bytes=args.adapter_cache_mb * 2**20, compile=args.compile)
         engine.warmup()
     except StudioError as e:
         sys.exit(f"app.py: {e}")

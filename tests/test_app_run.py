@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from app_fixtures import free_port
 
@@ -62,3 +63,16 @@ def test_an_unknown_model_is_a_one_line_error_not_a_trace(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unknown model 'no-such-model'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compile_flag_reaches_every_pooled_pipeline(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # app.py is the entry point in the checkout's root
+    import app
+    from adapter_studio.webapp.pool import PipelinePool
+
+    assert app.parse_args(["--compile"]).compile and not app.parse_args([]).compile
+    pool = PipelinePool("tiny-sd15", "cpu", torch.float32, compile=True)
+    sp, _ = pool._build()
+    assert sp.stack.static and sp.stack._compiled is not None, "the UNet runs compiled with its stack"
+    sp, _ = PipelinePool("tiny-sd15", "cpu", torch.float32)._build()
+    assert not sp.stack.static

@@ -70,11 +70,13 @@ class Engine:
         device, dtype: where the pipelines run (default: cuda + fp16 when available, else cpu + fp32).
         limits: this server's caps (the pixel×step budget by default by device).
         adapter_cache_bytes: most bytes of adapter parameters kept loaded (`adapter_cache.AdapterCache`; 0 = none).
+        compile: run every pipeline's UNet compiled with its stack (`StudioPipeline.compile`, docs/performance.md);
+            the first call of each mix structure, batch size or resolution compiles.
     """
 
     def __init__(self, model: str = "tiny-sd15", models_dir: str | Path = "models", outputs_dir: str | Path = "outputs",
                  max_concurrency: int = 1, device: str | None = None, dtype: torch.dtype | None = None,
-                 limits: Limits | None = None, adapter_cache_bytes: int = ADAPTER_CACHE_BYTES):
+                 limits: Limits | None = None, adapter_cache_bytes: int = ADAPTER_CACHE_BYTES, compile: bool = False):
         self.model = model
         self.preset = load_preset(model)  # fails fast (PresetError) on an unknown model
         self.limits = limits or Limits()
@@ -86,7 +88,7 @@ class Engine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
         self.pixel_step_budget = self.limits.pixel_step_budget(self.device)
-        self.pool = PipelinePool(model, self.device, dtype, max_concurrency)
+        self.pool = PipelinePool(model, self.device, dtype, max_concurrency, compile=compile)
         self.max_concurrency = self.pool.max_concurrency
         self.adapters = AdapterCache(adapter_cache_bytes)
         self.jobs = Jobs()

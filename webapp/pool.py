@@ -30,10 +30,11 @@ class PipelinePool:
         max_concurrency: most pipelines held; a borrower waits while all are lent.
     """
 
-    def __init__(self, model: str, device: str, dtype: torch.dtype, max_concurrency: int = 1):
+    def __init__(self, model: str, device: str, dtype: torch.dtype, max_concurrency: int = 1, compile: bool = False):
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.compile = compile  # each pipeline's UNet compiled with its stack (the first call per mix shape compiles)
         self.max_concurrency = max(1, int(max_concurrency))
         self.made = 0
         self._idle: queue.Queue[tuple[StudioPipeline, Any]] = queue.Queue()
@@ -43,6 +44,8 @@ class PipelinePool:
         with BUILD_LOCK:
             sp = StudioPipeline.from_preset(self.model, torch_dtype=self.dtype if self.dtype != torch.float32 else None)
             sp.to(self.device)
+            if self.compile:
+                sp.compile()
         return sp, sp.pipe.scheduler
 
     def _acquire(self) -> tuple[StudioPipeline, Any]:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dummy_adapters import LinearAttnAdapter
+from app_fixtures import free_port  # a 2-process launch on its own port: a killed run may hold 29500
 from adapter_studio.presets import load_pipeline
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.loop import TrainingTask
@@ -79,7 +80,8 @@ def launch(family: str, processes: int, args: list[str], **env: str) -> subproce
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", *script]
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from app_fixtures import free_port  # a 2-process launch on its own port: a killed run may hold 29500
 from adapter_studio.adapters.ctrl_adapter import CtrlAdapter
 from adapter_studio.adapters.ctrl_adapter.training import (CtrlAdapterTask, CtrlAdapterTrainConfig, center_crop,
                                                            demo_controlnet, load_records, main, write_demo_data)
@@ -136,7 +137,8 @@ def test_single_process_run_writes_checkpoints_the_pipeline_loads(data, tmp_path
 def _launch(out: Path, data: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(SCRIPT),
            *_args(data, out, *_two(data), "--max_steps", "8", "--checkpointing_steps", "2", "--validation_steps", "0",
                   *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from loop_task import assert_same_run, finish, kill_all
+from app_fixtures import free_port  # a 2-process launch on its own port: a killed run may hold 29500
 from adapter_studio.adapters.i2v_adapter import I2VAdapter, encode_first_frame
 from adapter_studio.adapters.i2v_adapter.data import (ClipDataset, make_windows, moving_shape, read_metadata,
                                                       write_demo_clips)
@@ -156,7 +157,8 @@ def _launch(out: Path, data: Path, processes: int, *extra: str) -> subprocess.Po
         cmd = [sys.executable, str(SCRIPT)]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(SCRIPT)]
     return subprocess.Popen([*cmd, *_args(out, data, *extra)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

@@ -138,7 +138,7 @@ def _launch(out: Path, data: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(SCRIPT),
+           "--dynamo_backend", "no", str(SCRIPT),
            *_args(data, out, *_two(data), "--max_steps", "8", "--checkpointing_steps", "2", "--validation_steps", "0",
                   *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -3,8 +3,8 @@
     python tests/comfyui_env.py          # build (or find) the cache and print its folder
     make comfyui-env                     # the same
 
-ComfyUI 0.3.64 (the source tarball in /work/shared/comfyui, GPL: read and run, never copied into this repository)
-needs torch 2.14.1 + torchvision 0.29.1 from the registry (torchvision does not load with the project's CPU torch
+ComfyUI 0.3.64 (the source tarball in ../shared/comfyui beside the checkout, GPL: read and run, never copied into
+this repository) needs torch 2.14.1 + torchvision 0.29.1 from the registry (torchvision does not load with the project's CPU torch
 2.13.0), so it runs in its own venv: torch, ComfyUI's requirements, and the third-party packages `adapter_studio`
 needs that ComfyUI lacks (diffusers, opencv; versions from constraints.txt where ComfyUI allows them). The project
 itself is NOT installed there: `overlay()` makes a small per-run folder for PYTHONPATH (the package as it is in
@@ -30,7 +30,9 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TARBALL = Path(os.environ.get("COMFYUI_TARBALL", "/work/shared/comfyui/ComfyUI-0.3.64.tar.gz"))
+_TARBALL_NAME = "comfyui/ComfyUI-0.3.64.tar.gz"
+# the project's shared/ folder lies beside the checkout (a developer's clone and CI's alike)
+TARBALL = Path(os.environ.get("COMFYUI_TARBALL") or REPO.parent / "shared" / _TARBALL_NAME)
 PYTHON = sys.executable  # `-m venv` from inside a venv makes a venv of the base interpreter
 
 # torch first (ComfyUI's requirements name it unpinned); 2.14.1 is the registry's build that torchvision 0.29.1 loads

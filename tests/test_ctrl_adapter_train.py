@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from app_fixtures import free_port  # a 2-process launch on its own port: a killed run may hold 29500
+from loop_task import kill_all
 from adapter_studio.adapters.ctrl_adapter import CtrlAdapter
 from adapter_studio.adapters.ctrl_adapter.training import (CtrlAdapterTask, CtrlAdapterTrainConfig, center_crop,
                                                            demo_controlnet, load_records, main, write_demo_data)
@@ -145,23 +145,6 @@ def _launch(out: Path, data: Path, *extra: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (from /proc), children first."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parents.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
 def _losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (out / "logs" / "loss.jsonl").read_text().splitlines())]
 
@@ -177,11 +160,7 @@ def test_two_processes_killed_and_resumed_continue_exactly(data, tmp_path):
         assert first.poll() is None, first.stdout.read()[-3000:]
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.05)
-    for pid in [first.pid, *_descendants(first.pid)]:  # the launcher and both workers (own sessions), by id
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(first.pid)  # the launcher and both workers (own sessions), by id
     first.wait()
     assert not (killed_out / "final").exists(), "killed before the end"
     saved = max(int(p.name.split("-")[1]) for p in killed_out.glob("checkpoint-*")

@@ -69,6 +69,11 @@ def load_preset(name_or_path: str, **overrides: Any) -> ModelPreset:
             "a preset YAML file, a local diffusers folder or a hub id like 'owner/name'"
         )
     cfg = {**cfg, **overrides}
+    for key in ("pretrained", "motion_adapter"):
+        # a preset's relative folder (the shipped toy models) is found from any working directory
+        value = cfg.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (CONFIG_DIR.parent / value).is_dir():
+            cfg[key] = str(CONFIG_DIR.parent / value)
     for key in ("name", "kind", "source"):
         if key not in cfg:
             raise PresetError(f"model preset {name_or_path!r} lacks the key {key!r}")
@@ -105,12 +110,13 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _tiny_clip_text(cfg: dict[str, Any], with_projection: bool, seed: int):
+def _tiny_clip_text(cfg: dict[str, Any], with_projection: bool, seed: int, tokenizer: dict[str, Any] | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenizer import tiny_clip_tokenizer
 
-    tok = tiny_clip_tokenizer()
+    # `tokenizer:` in a preset: {extra_words: "...", model_max_length: N} (the toy world's whole-word vocabulary)
+    tok = tiny_clip_tokenizer(**(tokenizer or {}))
     conf = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **cfg)
     with _seeded(seed):
@@ -181,7 +187,7 @@ def build_tiny_components(preset: ModelPreset) -> dict[str, Any]:
         "vae": build_tiny_vae(cfg["vae"], seed),
         "scheduler": build_scheduler(cfg["scheduler"]),
     }
-    comps["text_encoder"], comps["tokenizer"] = _tiny_clip_text(cfg["text_encoder"], False, seed + 2)
+    comps["text_encoder"], comps["tokenizer"] = _tiny_clip_text(cfg["text_encoder"], False, seed + 2, cfg.get("tokenizer"))
     if preset.kind == "sdxl":
         comps["text_encoder_2"], comps["tokenizer_2"] = _tiny_clip_text(cfg["text_encoder_2"], True, seed + 5)
     if "image_encoder" in cfg:

@@ -7,6 +7,7 @@ text (unknown words fall back to single characters) with the real `transformers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -63,13 +64,17 @@ def _merges_from_corpus(corpus: str, max_merges: int = 200) -> list[tuple[str, s
     return merges
 
 
-def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> Path:
-    """Write `vocab.json` and `merges.txt` of the tiny CLIP tokenizer into `folder` and return it."""
+def write_tiny_clip_tokenizer(folder: str | os.PathLike, extra_words: str = "") -> Path:
+    """Write `vocab.json` and `merges.txt` of the tiny CLIP tokenizer into `folder` and return it.
+
+    `extra_words` are added to the merge corpus, each counted as often as needed to become one whole-word token
+    (the toy world's caption words)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges = _merges_from_corpus(_CORPUS)
+    corpus = _CORPUS + (" " + " ".join([extra_words] * 2) if extra_words else "")
+    merges = _merges_from_corpus(corpus, max_merges=200 + 8 * len(extra_words.split()))
     vocab_list += ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
@@ -78,12 +83,16 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def tiny_clip_tokenizer(folder: str | os.PathLike | None = None, model_max_length: int = 77) -> CLIPTokenizer:
+def tiny_clip_tokenizer(folder: str | os.PathLike | None = None, model_max_length: int = 77,
+                        extra_words: str = "") -> CLIPTokenizer:
     """Build the tiny CLIP tokenizer (files written to `folder`, or to a per-user cache folder)."""
     if folder is None:
-        folder = Path(os.environ.get("ADAPTER_STUDIO_CACHE", Path.home() / ".cache" / "adapter-studio")) / "tiny-clip-tokenizer"
+        name = "tiny-clip-tokenizer"
+        if extra_words:  # another vocabulary, another folder
+            name += "-" + hashlib.sha256(extra_words.encode()).hexdigest()[:12]
+        folder = Path(os.environ.get("ADAPTER_STUDIO_CACHE", Path.home() / ".cache" / "adapter-studio")) / name
     folder = Path(folder)
     if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
-        write_tiny_clip_tokenizer(folder)
+        write_tiny_clip_tokenizer(folder, extra_words)
     # from_pretrained is the ordinary path for a hub tokenizer folder; it reads vocab.json + merges.txt.
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length, pad_token="<|endoftext|>")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (AnimateDiffControlNetPipeline, ControlNetModel, StableDiffusionControlNetPipeline,
-                       UNet2DConditionModel)
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -609,3 +609,26 @@ def test_only_adapter_and_router_train(cns):
     down, mid = ctrl.residuals({"image": _img(1), "image_2": _img(2), "fusion": "router"}, ctx, call)
     (sum(d.square().mean() for d in down) + mid.square().mean()).backward()
     assert all(p.grad is not None for p in params) and ctrl.router.down_blocks_router[0].wg.weight.grad.abs().sum() > 0
+
+
+def test_adapter_for_models_of_widths_32_does_not_divide():
+    """A backbone 48 / 96 channels wide (the toy model's) gets group norms that divide its widths (it was always 32:
+    GroupNorm refused 48 channels and the toy build's Ctrl-Adapter run failed before its first step)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(48, 96, 96), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=16).eval()
+    cn = _controlnet(0, unet=unet)
+    ada = _adapter(cn, unet)
+    assert ada.config.norm_num_groups == 24  # gcd(48, 96) = 48: the largest count <= 32 dividing it
+    assert CtrlAdapterModel.for_models(build_tiny_controlnet(0), load_pipeline("tiny-sd15").unet,
+                                       num_blocks=1, **TINY).config.norm_num_groups == 32  # release widths: as before
+    ctrl = CtrlAdapter([cn], ada)
+    sp = StudioPipeline(StableDiffusionPipeline(**{**load_pipeline("tiny-sd15").components, "unet": unet}))
+    sp.add(ctrl, "ctrl", image=_img(1), preprocessor="canny")
+    out = sp("a cat", num_inference_steps=2, height=32, width=32, output_type="np",
+             generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()

@@ -9,6 +9,8 @@ target residuals are zeros. A diffusers `ModelMixin` / `ConfigMixin`: `save_pret
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -93,6 +95,11 @@ class CtrlAdapterModel(ModelMixin, ConfigMixin):
         down_ids, add_mid = select_residuals(src.levels, locations, per_location)
         if temporal is None:
             temporal = is_video_unet(unet)
+        if "norm_num_groups" not in kwargs:
+            # 32 groups (the release's) where every channel count allows; a backbone of other widths (the toy model's
+            # 48 / 96) gets the largest count under 32 that divides them all
+            widths = math.gcd(*src.channels, src.mid_channels, *tgt.channels, tgt.mid_channels)
+            kwargs["norm_num_groups"] = max(g for g in range(1, 33) if widths % g == 0)
         return cls(source_channels=list(src.channels), source_mid_channels=src.mid_channels,
                    target_channels=list(tgt.channels), target_levels=list(tgt.levels),
                    target_mid_channels=tgt.mid_channels, target_mid_level=tgt.mid_level, down_ids=down_ids,

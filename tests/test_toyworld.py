@@ -342,7 +342,17 @@ def test_datasets(tmp_path):
     assert ids[:len(scene.caption.split()) + 2].tolist() == tok(scene.caption).input_ids
 
     plain = SceneImages("val", 2)[0]
-    assert set(plain) == {"pixel_values", "caption"} and plain["pixel_values"].shape == (3, 64, 64)
+    assert set(plain) == {"pixel_values", "caption", "labels"} and plain["pixel_values"].shape == (3, 64, 64)
+    from adapter_studio.toyworld.data import ATTRIBUTES, labels
+
+    shown = SceneImages("val", 2).scene(0)
+    assert [values[k] for values, k in zip(ATTRIBUTES.values(), labels(shown).tolist())] == [
+        shown.shape, shown.color, shown.size, shown.position]
+    grouped = SceneImages("val", 16, group=8)
+    first, other = [grouped.scene(i) for i in range(8)], grouped.scene(8)
+    assert len({(s.color, s.size, s.ground, s.texture) for s in first}) == 1  # a group shares these ...
+    assert len({(s.shape, s.position) for s in first}) > 1  # ... and differs in shape and place
+    assert (other.color, other.ground) != (first[0].color, first[0].ground) or other.size != first[0].size
     with pytest.raises(ValueError, match="luminance"):
         SceneImages("val", 2, condition="luminance")
 
@@ -399,6 +409,16 @@ def test_train_clip_part(tmp_path):
     with torch.no_grad():
         emb = encoder(pixel_values=px).image_embeds
     assert emb.shape == (2, 64) and not torch.allclose(emb[0], emb[1])
+    # the text tower is kept too: the UNet part's frozen text encoder, with the toy tokenizer beside it
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text = CLIPTextModel.from_pretrained(final / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(final / "tokenizer")
+    ids = tok(["a red circle", "a blue star"], padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = text(ids)[0]
+    assert hidden.shape == (2, 24, 64) and not torch.allclose(hidden[0], hidden[1])
 
 
 @pytest.mark.parametrize("extra, needs", [(["--part", "unet"], "--vae"), (["--part", "controlnet"], "--base"),

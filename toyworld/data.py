@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .clips import clip_for
-from .scenes import Scene, render, render_edges, render_mask, scene_for
+from .scenes import COLORS, POSITIONS, SHAPES, SIZES, Scene, render, render_edges, render_mask, scene_for
 
 CONDITIONS = {"mask": render_mask, "edges": render_edges}
 
@@ -59,7 +59,8 @@ class SceneImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene = self.scene(i)
-        item: dict[str, Any] = {"pixel_values": to_tensor(render(scene, self.size)), "caption": scene.caption}
+        item: dict[str, Any] = {"pixel_values": to_tensor(render(scene, self.size)), "caption": scene.caption,
+                                "labels": labels(scene)}
         if self.tokenizer is not None:
             item["input_ids"] = tokenize(self.tokenizer, scene.caption)
         if self.condition is not None:
@@ -83,6 +84,15 @@ class SceneClips(Dataset):
         if self.tokenizer is not None:
             item["input_ids"] = tokenize(self.tokenizer, clip.caption)
         return item
+
+
+#: the attributes `labels` gives, in order, with their values
+ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+
+
+def labels(scene: Scene) -> torch.Tensor:
+    """`(4,)` long: the index of the scene's shape, colour, size and position in `ATTRIBUTES`."""
+    return torch.tensor([values.index(getattr(scene, name)) for name, values in ATTRIBUTES.items()])
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from adapter_studio.train.config import ConfigError, TrainConfig
 from adapter_studio.train.loop import TrainingTask, run_cli
 
-from .data import SceneClips, SceneImages
+from .data import ATTRIBUTES, SceneClips, SceneImages
 from .scenes import VOCABULARY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,13 +40,18 @@ class ToyTrainConfig(TrainConfig):
     part: str = "vae"
     architecture: str = "configs/toyworld/architecture.yaml"  # shapes of the models trained from scratch
     vae: str | None = None  # part unet: the trained VAE folder (the vae run's final/)
+    text_encoder: str | None = None  # part unet: a trained text tower kept frozen (the clip run's final/text_encoder,
+    #   as SD keeps CLIP's); none: a text encoder trained with the UNet from scratch
+    init_unet: str | None = None  # part unet: start from this folder's unet/ (a warm start) instead of random
     base: str | None = None  # parts controlnet, motion: the assembled toy pipeline folder
     resolution: int = 64
     dataset_size: int = 200_000  # distinct scenes (or clips) per epoch
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    noise_offset: float = 0.0  # parts unet, controlnet, motion: std of a per-channel constant added to the noise
     kl_weight: float = 1.0e-6
     condition: str = "mask"  # part controlnet: mask | edges
     num_frames: int = 8  # part motion
+    attribute_weight: float = 1.0  # part clip: weight of the attribute heads (0: contrastive only)
     group_size: int = 8  # part clip: scenes per batch that share colour, size and ground (hard negatives)
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a large red circle in the center on a white background", "a small blue square at the top left on a black background",
@@ -66,12 +71,14 @@ class ToyTrainConfig(TrainConfig):
         if self.part in ("controlnet", "motion") and not self.base:
             raise ConfigError(f"part {self.part} needs --base: the assembled toy pipeline folder "
                               "(python -m adapter_studio.toyworld assemble)")
-        for key, holds, parts in (("vae", "config.json", ("unet",)), ("base", "model_index.json", ("controlnet", "motion"))):
+        for key, holds, parts in (("vae", "config.json", ("unet",)), ("text_encoder", "config.json", ("unet",)),
+                                  ("base", "model_index.json", ("controlnet", "motion"))):
             value = getattr(self, key)
-            if self.part in parts and not (Path(value) / holds).is_file():
-                raise ConfigError(f"{key} {value} is not a trained folder (no {holds} in it): give the "
-                                  + ("vae run's final/ folder" if key == "vae" else
-                                     "toy pipeline folder (python -m adapter_studio.toyworld assemble)"))
+            if self.part in parts and value is not None and not (Path(value) / holds).is_file():
+                want = {"vae": "the vae run's final/ folder", "text_encoder": "the clip run's final/text_encoder "
+                        "(or none: train one with the UNet)", "base": "the toy pipeline folder (python -m "
+                        "adapter_studio.toyworld assemble)"}[key]
+                raise ConfigError(f"{key} {value} is not a trained folder (no {holds} in it): give {want}")
         if self.condition not in ("mask", "edges"):
             raise ConfigError(f"condition {self.condition!r} is not mask or edges")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -106,22 +113,30 @@ class VAELoss(nn.Module):
 
 
 class CLIPLoss(nn.Module):
-    """CLIP's symmetric contrastive loss between a vision and a text tower (both with projections)."""
+    """CLIP's symmetric contrastive loss between a vision and a text tower (both with projections), plus
+    `attribute_weight` x cross-entropy of linear heads reading shape, colour, size and position from the image
+    embedding: contrastive training alone learns colour, size and place and leaves shape near chance (the easy
+    features suppress the hard one), and IP-Adapter can carry over only what the embedding holds."""
 
-    def __init__(self, vision: nn.Module, text: nn.Module):
+    def __init__(self, vision: nn.Module, text: nn.Module, attribute_weight: float = 0.0):
         super().__init__()
-        self.vision, self.text = vision, text
+        self.vision, self.text, self.attribute_weight = vision, text, attribute_weight
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's start
+        dim = vision.config.projection_dim
+        self.heads = nn.ModuleList([nn.Linear(dim, len(values)) for values in ATTRIBUTES.values()])
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        img = F.normalize(self.vision(pixel_values=batch["clip_pixels"]).image_embeds, dim=-1)  # (B, P)
+        embeds = self.vision(pixel_values=batch["clip_pixels"]).image_embeds  # (B, P)
+        attr = sum(F.cross_entropy(head(embeds), batch["labels"][:, k]) for k, head in enumerate(self.heads))
+        img = F.normalize(embeds, dim=-1)  # (B, P)
         txt = F.normalize(self.text(input_ids=batch["input_ids"]).text_embeds, dim=-1)  # (B, P)
         logits = self.logit_scale.clamp(max=4.6052).exp() * img @ txt.T  # (B, B)
         # the same caption twice in a batch is a true match too: targets are every equal caption
         same = torch.tensor([[a == b for b in batch["caption"]] for a in batch["caption"]], device=logits.device)
         targets = same.float() / same.sum(1, keepdim=True)
-        return 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
-                      + torch.sum(-targets * logits.log_softmax(0), 0).mean())
+        contrastive = 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
+                             + torch.sum(-targets * logits.log_softmax(0), 0).mean())
+        return contrastive + self.attribute_weight * attr
 
 
 class DiffusionLoss(nn.Module):
@@ -132,8 +147,10 @@ class DiffusionLoss(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler: Any,
-                 empty_ids: torch.Tensor, caption_dropout: float, controlnet: nn.Module | None = None):
+                 empty_ids: torch.Tensor, caption_dropout: float, controlnet: nn.Module | None = None,
+                 noise_offset: float = 0.0):
         super().__init__()
+        self.noise_offset = noise_offset
         self.unet, self.text_encoder, self.vae, self.controlnet = unet, text_encoder, vae, controlnet
         self.scheduler, self.caption_dropout = scheduler, caption_dropout
         self.register_buffer("empty_ids", empty_ids, persistent=False)
@@ -155,6 +172,10 @@ class DiffusionLoss(nn.Module):
         else:
             lat = self._latents(batch["pixel_values"])  # (B, 4, h, w)
         noise = torch.randn_like(lat)
+        if self.noise_offset:
+            # offset noise: SD's schedule leaves a picture's mean colour almost intact at t = T, so a model trained
+            # on plain noise cannot change it while sampling (the toy world's grounds came out one bluish grey)
+            noise = noise + self.noise_offset * torch.randn(*lat.shape[:2], *([1] * (lat.ndim - 2)), device=lat.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (lat.shape[0],), device=lat.device)
         noisy = self.scheduler.add_noise(lat, noise, t)
         if video:
@@ -200,17 +221,27 @@ class ToyWorldTask(TrainingTask):
                                       self.preset.config.get("tokenizer"))
             self.processor = comps["feature_extractor"]
             self.trained = comps["image_encoder"]
-            model = CLIPLoss(comps["image_encoder"], text)
+            model = CLIPLoss(comps["image_encoder"], text, cfg.attribute_weight)
             return model, model  # both towers and the temperature train; only the vision tower is kept
         if part == "unet":
-            from diffusers import AutoencoderKL
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import CLIPTextModel
 
             vae = AutoencoderKL.from_pretrained(cfg.vae).eval()
+            unet = comps["unet"]
+            if cfg.init_unet:
+                unet = UNet2DConditionModel.from_pretrained(Path(cfg.init_unet) / "unet")
+            text = comps["text_encoder"]
+            trained = nn.ModuleDict({"unet": unet})
+            if cfg.text_encoder:
+                text = CLIPTextModel.from_pretrained(cfg.text_encoder).eval()
+            else:
+                trained["text_encoder"] = text
+            self.text_encoder = text
             self.components = {**comps, "vae": vae}
-            trained = nn.ModuleDict({"unet": comps["unet"], "text_encoder": comps["text_encoder"]})
             self.trained = trained
-            return DiffusionLoss(comps["unet"], comps["text_encoder"], vae, self.scheduler, empty,
-                                 cfg.caption_dropout), trained
+            return DiffusionLoss(unet, text, vae, self.scheduler, empty, cfg.caption_dropout,
+                                 noise_offset=cfg.noise_offset), trained
         if part == "controlnet":
             from diffusers import ControlNetModel
 
@@ -218,7 +249,7 @@ class ToyWorldTask(TrainingTask):
             controlnet = ControlNetModel.from_unet(comps["unet"], conditioning_embedding_out_channels=emb)
             self.components, self.trained = comps, controlnet
             return DiffusionLoss(comps["unet"], comps["text_encoder"], comps["vae"], self.scheduler, empty,
-                                 cfg.caption_dropout, controlnet=controlnet), controlnet
+                                 cfg.caption_dropout, controlnet=controlnet, noise_offset=cfg.noise_offset), controlnet
         from diffusers import MotionAdapter, UNetMotionModel
 
         unet2d = comps["unet"]
@@ -229,7 +260,7 @@ class ToyWorldTask(TrainingTask):
         modules = nn.ModuleList([m for name, m in unet.named_modules() if name.endswith("motion_modules")])
         self.components, self.trained, self.motion_unet = comps, modules, unet
         return DiffusionLoss(unet, comps["text_encoder"], comps["vae"], self.scheduler, empty,
-                             cfg.caption_dropout), modules
+                             cfg.caption_dropout, noise_offset=cfg.noise_offset), modules
 
     def _trained_pipeline_components(self) -> dict[str, Any]:
         from diffusers import StableDiffusionPipeline
@@ -261,9 +292,11 @@ class ToyWorldTask(TrainingTask):
         elif part == "clip":
             self.trained.save_pretrained(folder / "image_encoder")
             self.processor.save_pretrained(folder / "feature_extractor")
+            adapter.text.save_pretrained(folder / "text_encoder")  # the UNet's frozen text encoder
+            self.tokenizer.save_pretrained(folder / "tokenizer")
         elif part == "unet":
             self.trained["unet"].save_pretrained(folder / "unet")
-            self.trained["text_encoder"].save_pretrained(folder / "text_encoder")
+            self.text_encoder.save_pretrained(folder / "text_encoder")
             self.tokenizer.save_pretrained(folder / "tokenizer")
         elif part == "controlnet":
             self.trained.save_pretrained(folder)
@@ -308,7 +341,7 @@ class ToyWorldTask(TrainingTask):
         comps = dict(self.components)
         sched = DDIMScheduler.from_config(comps["scheduler"].config)
         if cfg.part == "unet":
-            pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=self.trained["text_encoder"],
+            pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=self.text_encoder,
                                            tokenizer=self.tokenizer, unet=self.trained["unet"], scheduler=sched,
                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             extra: list[dict[str, Any]] = [{} for _ in cfg.validation_prompts]
@@ -340,6 +373,7 @@ def _clip_collate(processor: Any):
                 for it in items]
         return {"clip_pixels": processor(pics, return_tensors="pt").pixel_values,
                 "input_ids": torch.stack([it["input_ids"] for it in items]),
+                "labels": torch.stack([it["labels"] for it in items]),
                 "caption": [it["caption"] for it in items]}
 
     return collate

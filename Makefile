@@ -1,4 +1,4 @@
-# The two commands of the README: `make run` (install + start the studio on the tiny default) and `make test`.
+# The two commands of the README: `make run` (install + start the studio on the trained toy default) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,10 +1,12 @@
-"""Adapter Studio: `python app.py` serves the Gradio studio on 127.0.0.1:7860 with the tiny built-in model.
+"""Adapter Studio: `python app.py` serves the Gradio studio on 127.0.0.1:7860 with the embedded toy model.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--model tiny-sd15 | sd15 | owner/name | /path/to/diffusers]
+    python app.py [--host 127.0.0.1] [--port 7860] [--model toy-sd15 | tiny-sd15 | sd15 | owner/name | /path/to/folder]
                   [--models-dir models] [--outputs-dir outputs] [--max-concurrency 1] [--max-pixel-steps 8M]
                   [--adapter-cache-mb 2048] [--share]
 
-No download happens by default: the tiny model is built from configs. See docs/app.md for the API endpoints.
+No download happens by default: `toy-sd15` is the tiny model trained on the toy world of shapes, shipped as
+safetensors in models/toy (`tiny-*` presets are random-weight test models built from configs). See docs/app.md for
+the API endpoints.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Adapter Studio: mix adapters on a frozen diffusion model in the browser")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port (7860)")
-    p.add_argument("--model", default="tiny-sd15",
-                   help="model preset (tiny-sd15, sd15, sdxl, ...), hub id or local diffusers folder (tiny-sd15)")
+    p.add_argument("--model", default="toy-sd15",
+                   help="model preset (toy-sd15: the trained toy model; tiny-sd15: random weights, for tests; sd15, "
+                        "sdxl, ...), hub id or local diffusers folder (toy-sd15)")
     p.add_argument("--models-dir", default="models", help="folder of adapter weights for the unit dropdowns (models)")
     p.add_argument("--outputs-dir", default="outputs", help="where images, sidecar JSONs and inputs go (outputs)")
     p.add_argument("--mixes-dir", default=None, help="folder of mix presets (configs/mixes)")

@@ -83,12 +83,15 @@ class WeightsFile:
         label: what the app's dropdown says.
         required: the unit cannot run without it.
         folder: the models-folder subfolder listed for it (default: the family's name).
+        config_classes: the `_class_name`s of the diffusers-style folders (`config.json`) it loads; a folder naming
+            another class is not listed for it (empty: every folder is).
     """
 
     key: str = "weights"
     label: str = "Weights"
     required: bool = True
     folder: str | None = None
+    config_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

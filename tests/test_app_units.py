@@ -354,8 +354,29 @@ def test_example_presets_are_valid_mixes_that_load_into_the_ui(engine):
         mix = Mix.load(path)
         upd, warnings = g.mix_to_updates(mix)
         assert upd[g.prompt] == mix.sampling.prompt and upd[g.n_units] == 3
-        assert any("made with model 'sd15'" in w for w in warnings)  # presets are for SD1.5; the test runs tiny
+        # the presets are for SD1.5 or the toy model; the test runs tiny-sd15, so each says what it was made for
+        assert any(f"made with model '{mix.model}'" in w for w in warnings)
         for i, unit in enumerate(mix.units):
             assert upd[g.units[i].family] == unit.family and upd[g.units[i].enabled] is True
     style = Mix.load(presets[[p.stem for p in presets].index("ip-style-only")])
     assert preset_of_scale(style.units[0].scale, SD15_UNET) == ("style only", 1.0)
+
+
+def test_a_shared_folder_lists_each_familys_weights_for_that_family_only(tmp_path):
+    """models/toy holds every family's weights side by side, and a whole pipeline folder: each dropdown lists only
+    the folders whose config names a class it loads (it listed all of them, the first being the default)."""
+    import shutil
+
+    from adapter_studio.webapp.engine import Engine
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "toy"
+    models = tmp_path / "models"
+    shutil.copytree(shipped, models / "toy")
+    (models / "shared.safetensors").write_bytes(b"")  # a loose file: still listed for every family
+    eng = Engine(model="tiny-sd15", models_dir=models, outputs_dir=tmp_path / "outputs")
+    assert eng.list_weights("ip") == ["shared.safetensors", "toy/ip-adapter"]
+    assert eng.list_weights("agd") == ["shared.safetensors", "toy/agd"]
+    assert eng.list_weights("i2v") == ["shared.safetensors", "toy/i2v-adapter"]
+    assert eng.list_weights("ctrl", 0) == ["shared.safetensors", "toy/controlnet-mask"]
+    assert eng.list_weights("ctrl", 1) == ["shared.safetensors", "toy/ctrl-adapter-mask"]
+    assert not any("toy-sd15" in name for name in eng.list_weights(None))  # a pipeline is a model, not weights

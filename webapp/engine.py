@@ -122,7 +122,10 @@ class Engine:
     def list_weights(self, family: str | None, index: int = 0) -> list[str]:
         """Weights names listed for the `index`-th weights file of `family` (its folder plus the shared entries);
         every entry for no family."""
-        return self.weights.list(weights_folder(get_family(family), index) if family else None)
+        if not family:
+            return self.weights.list()
+        fam = get_family(family)
+        return self.weights.list(weights_folder(fam, index), fam.weights[index].config_classes)
 
     def add_weights(self, upload: str | Path, family: str, filename: str | None = None, key: str | None = None) -> str:
         """Check an uploaded weights file (or a .zip of a diffusers folder), then keep it in the models folder.

@@ -8,6 +8,8 @@ ticket (`Engine.queue`) before it waits in the queue, so Cancel reaches a queued
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -220,7 +222,28 @@ class GenerateTab:
         return gr.update(choices=self.presets.names(), value=saved)
 
     def load_preset(self, name: str, *families_now: str | None) -> dict[Any, Any]:
-        return self._load_mix(self.presets.load(name), list(families_now))
+        return self._load_mix(self.stored_inputs(self.presets.load(name)), list(families_now))
+
+    def stored_inputs(self, mix: Mix) -> Mix:
+        """A preset's input images named relative to the models folder (as its weights are; the example pictures of
+        the toy models, say) copied into the input store, so the form shows them and Generate takes them."""
+        def store(value: Any, what: str) -> Any:
+            if isinstance(value, list):
+                return [store(v, what) for v in value]
+            root = self.engine.models_dir
+            full = (root / value).resolve() if isinstance(value, str) and not Path(value).is_absolute() else None
+            if full is not None and root in full.parents and full.is_file():
+                return str(self.engine.inputs.store(full, what))
+            return value
+
+        known = {f.name: f for f in self.families}
+        mix = copy.deepcopy(mix)
+        for i, unit in enumerate(mix.units):
+            fam = known.get(unit.family)
+            for f in fam.fields if fam else ():
+                if f.target == "inputs" and f.kind in ("image", "images") and f.key in unit.inputs:
+                    unit.inputs[f.key] = store(unit.inputs[f.key], f"unit {i + 1} {f.label.lower()}")
+        return mix
 
     def load_from_file(self, file: str | None, *families_now: str | None) -> dict[Any, Any]:
         return self._load_mix(read_mix(file), list(families_now)) if file else {}
@@ -241,8 +264,9 @@ class GenerateTab:
         budget = self.engine.pixel_step_budget
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):
-                self.prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a watercolor fox in a misty forest",
-                                         elem_id="prompt")
+                # a preset's `prompt_example:` (a caption of the world a small trained model knows) as the hint
+                example = self.engine.preset.config.get("prompt_example") or "a watercolor fox in a misty forest"
+                self.prompt = gr.Textbox(label="Prompt", lines=3, placeholder=example, elem_id="prompt")
                 self.negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality",
                                            elem_id="negative-prompt")
                 self.tokens = gr.Markdown(self.count_tokens("", ""), elem_id="prompt-tokens")

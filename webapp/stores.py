@@ -35,6 +35,17 @@ def weights_folder(family: Family, index: int = 0) -> str:
     return family.weights[index].folder or family.name
 
 
+def config_class(folder: Path) -> str | None:
+    """The `_class_name` of a diffusers-style folder's `config.json` (None when it has none or does not parse)."""
+    import json
+
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 class WeightsStore:
     """The models folder: weights files (or diffusers-style folders) listed, resolved, hashed and added.
 
@@ -47,10 +58,11 @@ class WeightsStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._sha_cache: dict[tuple[str, int, int], str | None] = {}
 
-    def list(self, folder: str | None = None) -> list[str]:
+    def list(self, folder: str | None = None, classes: tuple[str, ...] = ()) -> list[str]:
         """Names (relative to the models folder) listed for the weights kept in `folder`: its entries plus the shared
         ones (every entry when `folder` is None). A file with a weights suffix or a folder holding `config.json` is one
-        entry."""
+        entry; with `classes`, a folder whose config names another class is left out (the shipped `toy/` folder holds
+        every family's weights side by side). A whole pipeline folder (`model_index.json`) is a model, not weights."""
         claimed = {f.name for f in families()} | {w.folder for f in families() for w in f.weights if w.folder}
         out: list[str] = []
 
@@ -61,8 +73,12 @@ class WeightsStore:
                 if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
                     out.append(p.relative_to(self.root).as_posix())
                 elif p.is_dir():
+                    if (p / "model_index.json").is_file():
+                        continue
                     if (p / "config.json").is_file():  # a diffusers-style folder is one entry
-                        out.append(p.relative_to(self.root).as_posix())
+                        name = config_class(p)
+                        if not classes or name is None or name in classes:
+                            out.append(p.relative_to(self.root).as_posix())
                     elif depth < 3 and not (depth == 0 and folder is not None and p.name in claimed
                                             and p.name != folder):
                         walk(p, depth + 1)

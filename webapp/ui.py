@@ -38,14 +38,25 @@ footer {opacity:0.6}
 """
 
 
+REAL_MODEL_HINT = ("`python app.py --model sd15` (Stable Diffusion 1.5 from the hub; `--model sdxl` likewise) or "
+                   "`python app.py --model /path/to/a/diffusers-folder`")
+
+
 def model_notice(engine: Engine) -> str | None:
-    """What the page says about a model with random weights (a `tiny-*` preset), and how to run a real one."""
-    if engine.preset.source != "tiny":
+    """What the page says about a small model, and how to run a real one: a `tiny-*` preset has random weights; a
+    preset with a `description:` (the trained toy models) is described, with its `prompt_example:` to try."""
+    preset = engine.preset
+    if preset.source == "tiny":
+        return (f"**`{engine.model}` has random weights**: a tiny test model built from configs, so its outputs are "
+                "noise, not pictures (it runs in seconds and tests the whole studio). For real images start the studio "
+                f"with a real model: {REAL_MODEL_HINT}.")
+    config = getattr(preset, "config", None) or {}
+    if not config.get("description"):
         return None
-    return (f"**`{engine.model}` has random weights**: a tiny test model built from configs, so its outputs are noise, "
-            "not pictures (it runs in seconds and tests the whole studio). For real images start the studio with a "
-            "real model: `python app.py --model sd15` (Stable Diffusion 1.5 from the hub; `--model sdxl` likewise) "
-            "or `python app.py --model /path/to/a/diffusers-folder`.")
+    example = config.get("prompt_example")
+    try_it = f" Try the prompt *{example}*, or load an example mix (Mix presets)." if example else ""
+    return (f"**`{engine.model}` is {config['description']}**.{try_it} For real images start the studio with a real "
+            f"model: {REAL_MODEL_HINT}.")
 
 
 def theme() -> gr.themes.Base:

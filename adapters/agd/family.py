@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_studio.errors import CheckpointError, MixError
-from adapter_studio.family import Family, Field, TrainingScript, Weights
+from adapter_studio.family import Family, Field, TrainingScript, Weights, WeightsFile
 
 from .modeling_agd import AGDAdapter
 from .upstream import adapter_from_upstream, read_upstream_file
@@ -120,6 +120,7 @@ def agd_inputs_from_json(inputs: dict[str, Any], base_dir: Path | None) -> dict[
 FAMILY = Family(
     name="agd", label="AGD guidance", loader=load, inputs_from_json=agd_inputs_from_json, order=40,
     guidance=AGDAdapter.guidance_mode, model_kinds=("sd15", "sdxl"),
+    weights=(WeightsFile(config_classes=("AGDAdapter",)),),
     help="Replaces classifier-free guidance: one UNet pass per step; w is the guidance scale it was distilled for.",
     fields=(
         Field("guidance_scale", "number", "Guidance w", target="guidance", default=5.0, minimum=1.0, maximum=20.0,

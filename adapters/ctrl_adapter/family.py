@@ -114,14 +114,20 @@ def _save_controlnet(adapter: CtrlAdapter, path: Path) -> Path:
     return Path(path)
 
 
+#: diffusers folders that hold a ControlNet (the dropdowns list no other class for it)
+CONTROLNETS = ("ControlNetModel", "SparseControlNetModel", "ControlNetXSAdapter")
+
 FAMILY = Family(
     name="ctrl", label="Ctrl-Adapter / ControlNet", loader=load, inputs_from_json=inputs_from_json, order=30,
     help="Structure control: ControlNets on their own model, or carried to another model through a Ctrl-Adapter.",
     weights=(
-        WeightsFile("controlnet", "ControlNet", folder="controlnet"),
-        WeightsFile("adapter", "Ctrl-Adapter (empty = plain ControlNet)", required=False, folder="ctrl"),
-        WeightsFile("controlnet_2", "2nd ControlNet (optional)", required=False, folder="controlnet"),
-        WeightsFile("controlnet_3", "3rd ControlNet (optional)", required=False, folder="controlnet"),
+        WeightsFile("controlnet", "ControlNet", folder="controlnet", config_classes=CONTROLNETS),
+        WeightsFile("adapter", "Ctrl-Adapter (empty = plain ControlNet)", required=False, folder="ctrl",
+                    config_classes=("CtrlAdapterModel", "ControlNetAdapter")),  # ours, the release's
+        WeightsFile("controlnet_2", "2nd ControlNet (optional)", required=False, folder="controlnet",
+                    config_classes=CONTROLNETS),
+        WeightsFile("controlnet_3", "3rd ControlNet (optional)", required=False, folder="controlnet",
+                    config_classes=CONTROLNETS),
     ),
     # the first condition and the unit-wide settings first: the form lays fields out in this order
     fields=(

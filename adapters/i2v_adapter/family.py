@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_studio.errors import MixError
-from adapter_studio.family import Family, Field, TrainingScript, Weights
+from adapter_studio.family import Family, Field, TrainingScript, Weights, WeightsFile
 from adapter_studio.files import input_image
 
 from .first_frame import FSP_BLUR_SIGMA, FSP_SHARP_RATIO
@@ -59,6 +59,7 @@ def _save_folder(adapter: I2VAdapter, path: Path) -> Path:
 FAMILY = Family(
     name="i2v", label="I2V-Adapter", loader=load, inputs_from_json=inputs_from_json, order=30,
     output="video", model_kinds=("video",),
+    weights=(WeightsFile(config_classes=("I2VAdapter",)),),
     help="Image to video: the image is frame 0 and every frame attends to it (AnimateDiff models).",
     fields=(
         Field("image", "image", "First frame", required=True,

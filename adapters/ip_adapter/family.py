@@ -7,7 +7,7 @@ from typing import Any
 
 from adapter_studio.block_scale import BLOCK_PRESETS
 from adapter_studio.errors import MixError
-from adapter_studio.family import Family, Field, TrainingScript, Weights
+from adapter_studio.family import Family, Field, TrainingScript, Weights, WeightsFile
 from adapter_studio.files import input_image, input_path
 
 from .adapter import IPAdapter
@@ -70,6 +70,7 @@ def _saved(adapter: IPAdapter, path: Path) -> Path:
 FAMILY = Family(
     name="ip", label="IP-Adapter", loader=load, inputs_from_json=inputs_from_json, order=10,
     prompts_by_image="image", default_weight=0.8,
+    weights=(WeightsFile(config_classes=("IPAdapter",)),),
     help="Image prompt: the reference images steer content or style through every cross-attention.",
     fields=(
         Field("image", "images", "Reference images", required=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_fixtures import free_port
+from app_fixtures import free_port, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,7 @@ def test_python_app_py_serves_the_studio_and_keeps_its_log_short(tmp_path):
         with pytest.raises(AppError, match="whole number"):
             client.predict("a fox", "", 1, 2.5, 64, 64, "DDIM", "auto", 7.5, 1, "[]", [], api_name="/generate")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        stop_server(proc, log)
     lines = (tmp_path / "app.log").read_text().splitlines()
     assert not [line for line in lines if "Traceback" in line], "a user error is no trace"
     assert len([line for line in lines if "whole number" in line]) == 1, "a user error is one log line"

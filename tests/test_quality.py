@@ -28,7 +28,6 @@ def sp():
 def test_base_model_draws_the_caption(sp):
     res = quality.base_model(sp, n=N, steps=STEPS)
     s = res.scores
-    print(s)
     assert s["color"] >= CHANCE["color"] + 0.5, s
     assert s["shape"] >= CHANCE["shape"] + 0.1, s  # shapes come out rounded: the weakest of the three
     assert s["position"] >= CHANCE["position"] + 0.4, s
@@ -39,7 +38,6 @@ def test_ip_adapter_carries_the_reference(sp):
 
     ip = load_ip_adapter(str(MODELS / "ip-adapter"), sp.pipe.unet, sp.pipe.image_encoder)
     s = quality.ip_adapter(sp, ip, n=48, steps=20).scores  # fewer samples or steps land too near the bar
-    print(s)
     assert s["color_ip"] >= s["color_none"] + 0.25, s
     assert s["color_ip"] >= CHANCE["color"] + 0.25, s
 
@@ -50,7 +48,6 @@ def test_ctrl_adapter_follows_the_mask(sp):
     ctrl = load_ctrl_adapter(str(MODELS / "controlnet-mask"), adapter=str(MODELS / "ctrl-adapter-mask"),
                              unet=sp.pipe.unet)
     s = quality.ctrl_adapter(sp, ctrl, n=N, steps=STEPS).scores
-    print(s)
     assert s["iou_ctrl"] >= s["iou_none"] + 0.04, s  # the captions already say where and how big
 
 
@@ -58,7 +55,6 @@ def test_agd_is_closer_to_cfg_than_one_unguided_pass(sp):
     from adapter_studio.adapters.agd import AGDAdapter
 
     s = quality.agd(sp, AGDAdapter.from_pretrained(str(MODELS / "agd")), n=N, steps=STEPS).scores
-    print(s)
     assert s["psnr_to_cfg_agd"] >= s["psnr_to_cfg_unguided"] + 1.0, s
 
 
@@ -69,6 +65,5 @@ def test_i2v_adapter_starts_from_the_frame_and_keeps_it():
     video = StudioPipeline.from_preset("toy-video")
     i2v = load_i2v_adapter(str(MODELS / "i2v-adapter"), video.pipe.unet)
     s = quality.i2v_adapter(video, i2v, n=4, steps=STEPS).scores
-    print(s)
     assert s["frame0_psnr_i2v"] >= s["frame0_psnr_none"] + 5.0, s
     assert s["neighbour_psnr_i2v"] >= s["neighbour_psnr_none"] + 2.0, s

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from app_fixtures import free_port
+from app_fixtures import free_port, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -183,13 +183,7 @@ def test_make_run_serves_the_trained_toy_model(tmp_path):
         assert json.loads(mix)["model"] == "toy-sd15"
         assert analyze(Image.open(gallery[0]["image"])).color == "red", "a trained model draws what it is told"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        stop_server(proc, log)
 
 
 def _input_paths(family, inputs):

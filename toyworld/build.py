@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .data import replace_folder
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models" / "toy"
 RUNS = REPO / "runs" / "toy"
@@ -42,24 +44,12 @@ def assemble(vae: Path, clip: Path, unet: Path, out: Path, architecture: str = "
         feature_extractor=CLIPImageProcessor.from_pretrained(clip / "feature_extractor"),
         image_encoder=CLIPVisionModelWithProjection.from_pretrained(clip / "image_encoder"),
         requires_safety_checker=False)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    return replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 
 def install(src: Path, dst: Path) -> Path:
     """Copy a run's `final/` folder to its place under `models/toy/` (replacing what was there)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.replace(dst)
-    return dst
+    return replace_folder(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
                      return_tensors="pt").input_ids[0]
 
 
-def _replace_folder(folder: Path, write) -> Path:
+def replace_folder(folder: Path, write: Callable[[Path], Any]) -> Path:
+    """Fill `folder` whole or not at all: `write(tmp)` fills a new folder beside it, which then replaces it."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -130,7 +131,7 @@ def write_image_folder(folder: str | os.PathLike, split: str, count: int, size: 
             rows.append(row)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    return _replace_folder(Path(folder), write)
+    return replace_folder(Path(folder), write)
 
 
 def write_clip_folder(folder: str | os.PathLike, split: str, count: int, num_frames: int = 8, size: int = 64) -> Path:
@@ -148,4 +149,4 @@ def write_clip_folder(folder: str | os.PathLike, split: str, count: int, num_fra
             rows.append({"file_name": sub.name, "text": clip.caption})
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    return _replace_folder(Path(folder), write)
+    return replace_folder(Path(folder), write)

@@ -8,6 +8,7 @@ with the same folders. Nothing here builds a pipeline: checking an upload agains
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -37,8 +38,6 @@ def weights_folder(family: Family, index: int = 0) -> str:
 
 def config_class(folder: Path) -> str | None:
     """The `_class_name` of a diffusers-style folder's `config.json` (None when it has none or does not parse)."""
-    import json
-
     try:
         value = json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):

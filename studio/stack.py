@@ -388,7 +388,8 @@ class AdapterStack:
                 slot.call_inputs = None
             self._plain_call = False
         ctx = ForwardContext(batch_size=n, cfg=cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
-                             num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module)
+                             num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module,
+                             encoder_hidden_states=kwargs.get("encoder_hidden_states"))
         ctx.progress = self._progress(t_cpu, scheduler)
         self.context = ctx
         if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
@@ -430,7 +431,7 @@ class AdapterStack:
             down_res = down if down_res is None else [a + b for a, b in zip(down_res, down)]
             mid_res = mid if mid_res is None else mid_res + mid
         if self.static:
-            self._static_prepare(ctx, n, cfg, kwargs["sample"].device, module.dtype)
+            self._static_prepare(ctx, n, cfg, kwargs["sample"].device, ctx.unet_dtype())
         if down_res is not None:
             given = kwargs.get("down_block_additional_residuals")
             kwargs["down_block_additional_residuals"] = (

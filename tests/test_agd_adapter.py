@@ -266,3 +266,63 @@ def test_w_comes_from_the_call_or_from_the_unit_inputs(sd15_pipe):
            adapter_inputs={"agd": {"guidance_scale": [1.0, 2.0, 3.0]}})
     with pytest.raises(StudioError, match="replaces classifier-free guidance"):
         sp("a", guidance="cfg", num_inference_steps=1)
+
+
+@pytest.mark.parametrize("use_timestep,use_prompt", [(True, True), (False, True), (True, False)])
+def test_every_layers_keys_values_at_once_equal_each_block_alone_and_are_kept_over_a_call(
+        sd15_pipe, use_timestep, use_prompt):
+    """`adapters.agd.batched` (all layers' keys/values in a few stacked products, w and prompt parts kept over a
+    call) gives each layer what its block computes alone from `[w, t, prompt]`."""
+    from adapter_studio.context import CallInfo, ForwardContext
+
+    unet = sd15_pipe.unet
+    adapter = _randomize(AGDAdapter.from_unet(unet, hidden_dim=16, use_timestep=use_timestep,
+                                              use_prompt=use_prompt), seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([999.0, 101.0])
+    t_emb = unet.time_embedding(unet.time_proj(t))
+    call = CallInfo(pipe=None, batch_size=2, num_images_per_prompt=1, cfg=False, guidance_scale=7.5,
+                    device=torch.device("cpu"), dtype=torch.float32)
+    inputs = adapter.begin_call({"guidance_scale": [2.0, 7.5]}, call)
+
+    def run(ctx_prompt, layer_prompt, call_inputs=inputs):
+        ctx = ForwardContext(batch_size=2, cfg=False, timestep=t, progress=torch.zeros(2), latent_size=(16, 16),
+                             unet=unet, encoder_hidden_states=ctx_prompt)
+        state = adapter.prepare(call_inputs, ctx)
+        outs = []
+        for i, path in enumerate(adapter.layer_paths):
+            attn = unet.get_submodule(path)
+            x = torch.randn(2, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(i))
+            outs.append(adapter.contribution(path + ".processor", attn, x, layer_prompt, state, ctx))
+        return state, outs
+
+    def reference(p):
+        w = torch.tensor([2.0, 7.5])
+        outs = []
+        with torch.no_grad():
+            for i, (path, blk) in enumerate(zip(adapter.layer_paths, adapter.blocks)):
+                attn = unet.get_submodule(path)
+                x = torch.randn(2, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(i))
+                t_tok = blk.embed_t(t_emb) if use_timestep else None
+                outs.append(blk(x, blk.tokens(blk.embed_w(w), t_tok, p if use_prompt else None)))
+        return outs
+
+    with torch.no_grad():
+        state, ours = run(prompt, prompt)
+        assert state.kv.shape == (len(adapter.blocks), 2, 1 + use_timestep + 77 * use_prompt, 32)
+        assert state.prompt_in_keys == use_prompt
+        fixed = inputs["_cache"]["fixed"]
+        _, again = run(prompt, prompt)
+        assert inputs["_cache"]["fixed"] is fixed, "w's and the prompt's keys/values are computed once per call"
+        _, per_layer = run(None, prompt)  # no text tokens in the context: each layer adds its own prompt's
+        _, direct = run(prompt, prompt, {"guidance_scale": [2.0, 7.5]})  # no call: a training step's path
+        prompt.mul_(-1.5)  # the same tensor changed in place: the kept keys/values must not be reused
+        _, changed = run(prompt, prompt)
+    for got in (ours, again, per_layer, direct):
+        for a, b in zip(got, reference(prompt / -1.5)):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    for a, b in zip(changed, reference(prompt)):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    if use_prompt:
+        assert not torch.allclose(changed[0], ours[0], atol=1e-3), "the prompt matters"

@@ -100,11 +100,17 @@ class GuidanceCrossAttention(GuidanceConditioning):
 
     def forward(self, hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """`hidden_states` `[n, L, input_dim]`, `tokens` `[n, K, hidden_dim]` -> `[n, L, input_dim]`."""
+        return self.attend(hidden_states, self.k_proj(tokens), self.v_proj(tokens))
+
+    def attend(self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` `[n, L, input_dim]` onto projected `keys` / `values` `[n, K, hidden_dim]` ->
+        `[n, L, input_dim]` (what `forward` does after `k_proj` / `v_proj`; `adapters.agd.batched` makes the keys
+        and values of every layer at once)."""
         n, L, _ = hidden_states.shape
         h = self.num_heads
         q = self.q_proj(hidden_states.to(self.q_proj.weight.dtype)).view(n, L, h, -1).transpose(1, 2)
-        k = self.k_proj(tokens).view(n, tokens.shape[1], h, -1).transpose(1, 2)
-        v = self.v_proj(tokens).view(n, tokens.shape[1], h, -1).transpose(1, 2)
+        k = keys.view(n, keys.shape[1], h, -1).transpose(1, 2)
+        v = values.view(n, values.shape[1], h, -1).transpose(1, 2)
         att = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.scale)
         return self.out_proj(att.transpose(1, 2).reshape(n, L, -1))

@@ -15,6 +15,7 @@ the adapter gets the prompt through its own prompt tokens, and upstream AGD cond
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from adapter_studio.adapter import AttentionAdapter
 from adapter_studio.context import CallInfo, ForwardContext
 from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
+from .batched import StackedBlocks
 from .layers import GuidanceAdditive, GuidanceCrossAttention
 
 ARCHS = ("attention", "additive")
@@ -46,6 +48,23 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
         if getattr(attn, "is_cross_attention", True):
             out[path] = attn
     return out
+
+
+@dataclass
+class AGDForwardState:
+    """What `AGDAdapter.prepare` hands to every layer of one UNet forward.
+
+    Attributes:
+        kv: "attention" arch: every layer's keys and values side by side, `[L, N, K, 2H]`, of the tokens
+            `[w, t, prompt...]` (`adapters.agd.batched`); without the forward's text tokens in the context, only
+            `[w, t]` (K = 1 or 2) and each layer adds its prompt's from the `encoder_hidden_states` it is given.
+        prompt_in_keys: whether `kv` holds the prompt tokens already.
+        embeds: "additive" arch: per layer the embedded `(w, t)` `[N, H]` (t None without timestep conditioning).
+    """
+
+    kv: torch.Tensor | None = None
+    prompt_in_keys: bool = False
+    embeds: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
@@ -158,12 +177,14 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
                     f"AGD adapter expects a time embedding of width {self.config.timestep_dim}, the UNet's is {found}")
 
     def begin_call(self, inputs: dict[str, Any], call: CallInfo) -> dict[str, Any]:
-        """Fix w for the call: `inputs["guidance_scale"]` if given (number or one per sample), else the call's scale."""
+        """Fix w for the call: `inputs["guidance_scale"]` if given (number or one per sample), else the call's scale.
+        `_cache` keeps what is fixed over the call (stacked weights, the keys/values of w and of the prompt)."""
         w = inputs.get("guidance_scale", call.guidance_scale)
-        return {**inputs, "guidance_scale": self._as_w(w, call.batch_size, call.device)}
+        return {**inputs, "guidance_scale": self._as_w(w, call.batch_size, call.device), "_cache": {}}
 
-    def prepare(self, inputs: dict[str, Any], ctx: ForwardContext) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per layer the embedded `(w, t)` tokens `[N, hidden_dim]` (t None without timestep conditioning)."""
+    def prepare(self, inputs: dict[str, Any], ctx: ForwardContext) -> AGDForwardState:
+        """Every layer's keys/values of `[w, t, prompt...]` for this forward ("attention"), or the embedded `(w, t)`
+        per layer ("additive")."""
         if ctx.cfg:
             raise StudioError("the AGD adapter replaces classifier-free guidance: run it with one conditional batch "
                               "(StudioPipeline guidance='agd'), not inside a CFG batch")
@@ -175,23 +196,62 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         if self.config.timestep_dim:
             with torch.no_grad():  # the base embedding is frozen: no graph needed through it
                 t_emb = ctx.time_embedding()
-        return [(blk.embed_w(w), blk.embed_t(t_emb) if t_emb is not None else None) for blk in self.blocks]
+        if self.config.arch == "additive":
+            return AGDForwardState(embeds=[(blk.embed_w(w), blk.embed_t(t_emb) if t_emb is not None else None)
+                                           for blk in self.blocks])
+        prompt = self._prompt(ctx)
+        cache = inputs.get("_cache")
+        if cache is None or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            # a training step (or a direct call): weights may change between forwards, nothing is kept
+            kv = StackedBlocks(self.blocks).all_keys_values(w, t_emb, prompt)
+            return AGDForwardState(kv=kv, prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
+        stacked = cache.get("stacked")
+        if stacked is None:
+            stacked = cache["stacked"] = StackedBlocks(self.blocks)
+        # kept over the call's steps, keyed by the very objects (and their in-place version) each step hands over
+        key = tuple((x, getattr(x, "_version", None)) for x in (inputs["guidance_scale"], prompt))
+        fixed = cache.get("fixed")
+        if fixed is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(fixed[0], key)):
+            fixed = cache["fixed"] = (key, stacked.call_keys_values(w, prompt))
+        kv = fixed[1]
+        if t_emb is not None:
+            stacked.set_timestep(kv, t_emb)
+        return AGDForwardState(kv=kv, prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
 
     def contribution(self, layer: str, attn: nn.Module, hidden_states: torch.Tensor,
-                     encoder_hidden_states: torch.Tensor | None, state: Any, ctx: ForwardContext) -> torch.Tensor:
+                     encoder_hidden_states: torch.Tensor | None, state: AGDForwardState,
+                     ctx: ForwardContext) -> torch.Tensor:
         """`[n, L, C]` added to the attn2 output of `layer` (`n = N * frames` for video)."""
         i = self._index[layer]
         blk = self.blocks[i]
         n = hidden_states.shape[0]
-        w_tok, t_tok = state[i]
-        w_tok = ctx.expand(w_tok, n)
-        t_tok = ctx.expand(t_tok, n) if t_tok is not None else None
         prompt = encoder_hidden_states if blk.prompt_proj is not None else None
-        if isinstance(blk, GuidanceCrossAttention):
-            out = blk(hidden_states, blk.tokens(w_tok, t_tok, prompt))
-        else:
-            out = blk(hidden_states, blk.vector(w_tok, t_tok, prompt))
-        return out.to(hidden_states.dtype)
+        if state.embeds is not None:  # additive
+            w_tok, t_tok = state.embeds[i]
+            w_tok = ctx.expand(w_tok, n)
+            t_tok = ctx.expand(t_tok, n) if t_tok is not None else None
+            return blk(hidden_states, blk.vector(w_tok, t_tok, prompt)).to(hidden_states.dtype)
+        kv = ctx.expand(state.kv[i], n)
+        h = kv.shape[-1] // 2
+        keys, values = kv[..., :h], kv[..., h:]
+        if not state.prompt_in_keys and prompt is not None:  # the layer's own text tokens (no context prompt)
+            x = blk.pos_enc.pe[keys.shape[1]:keys.shape[1] + prompt.shape[1]]
+            x = blk.embed_prompt(prompt) + x.to(keys.dtype)
+            keys = torch.cat([keys, blk.k_proj(x)], dim=1)
+            values = torch.cat([values, blk.v_proj(x)], dim=1)
+        return blk.attend(hidden_states, keys, values).to(hidden_states.dtype)
+
+    def _prompt(self, ctx: ForwardContext) -> torch.Tensor | None:
+        """The forward's text tokens `[N, S, C]` when they are what every attn2 layer sees (a UNet that projects
+        them first, `encoder_hid_proj`, hands its layers other tokens: each layer then takes its own)."""
+        prompt = ctx.encoder_hidden_states
+        if (prompt is None or not self.config.prompt_dim or prompt.ndim != 3 or prompt.shape[0] != ctx.batch_size
+                or getattr(ctx.unet, "encoder_hid_proj", None) is not None):
+            return None
+        if prompt.shape[1] + 2 > self.config.max_len:
+            raise StudioError(f"{prompt.shape[1]} prompt tokens exceed the AGD adapter's {self.config.max_len - 2} "
+                              "(its positional table's max_len)")
+        return prompt
 
     # ---- helpers
     @staticmethod

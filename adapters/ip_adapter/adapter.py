@@ -221,17 +221,16 @@ class IPAdapter(AttentionAdapter, ModelMixin, ConfigMixin):
             raise StudioError(f"IP-Adapter mask has {mask.shape[0]} entries for a batch of {b} samples")
         state = IPForwardState(tokens=tokens, mask=mask, cache=cache)
         if ctx.cache.get("static"):
-            state.layers = self.layer_keys_values(state, ctx.unet)
+            state.layers = self.layer_keys_values(state, ctx.unet, ctx.unet_dtype())
         return state
 
-    def layer_keys_values(self, state: IPForwardState, unet: nn.Module) -> dict[str, tuple]:
+    def layer_keys_values(self, state: IPForwardState, unet: nn.Module, dtype: torch.dtype) -> dict[str, tuple]:
         """Compiled mode: every layer's image keys/values (folded where cheaper) for this forward, at once.
 
         The `to_k_ip` / `to_v_ip` of all layers sharing a width run as one batched product per forward (and not at
         all while the per-call cache holds them), so the compiled layers only read tensors."""
         tokens = state.tokens
         g, t = tokens.shape[:2]
-        dtype = unet.dtype
         device = tokens.device
         names = self.layer_names()
         out: dict[str, tuple] = {}

@@ -92,7 +92,8 @@ class Api:
     def _run(self, mix: Mix, images: list[str] | None, request: Any, progress: Any) -> tuple[list, str]:
         uploads = {Path(p).name: Path(p) for p in (images or [])}
         res = self.engine.generate(mix, uploads, session=session_of(request),
-                                   progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
+                                   progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"),
+                                   status=lambda message: progress(0, desc=message))
         return res.gallery(), res.mix.to_json()
 
     def read_settings(self, file: str | None) -> str:

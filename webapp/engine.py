@@ -10,6 +10,9 @@ kinds). The sampling defaults live in the mix schema (`adapter_studio.mix.Sampli
 server's limits (`limits.Limits`: largest side, steps, images per call, input sizes, the pixel×step budget). Adapters
 load through `adapter_cache` (a weights file is read once), generations are tracked per session by `jobs` (Cancel
 reaches queued ones too). It works without Gradio.
+
+With `compile`, a call whose `compile_key` (the shape of its mix) the borrowed pipeline has not run yet compiles its
+UNet first: the engine says so through `status` (`COMPILING`) before the first step, and in the result's info.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from adapter_studio.adapter import ResidualAdapter
 from adapter_studio.errors import MixError, StudioError
 from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec, apply_mix
 from adapter_studio.presets import load_preset
@@ -40,6 +44,7 @@ from .stores import InputStore, WeightsStore, check_readable, weights_folder
 from .tokens import PromptTokens, count_tokens
 
 GUIDANCE_FIXED = ("auto", "cfg")
+COMPILING = "Compiling the UNet for this mix (first run of this shape: may take a minute; later runs reuse it)"
 ADAPTER_CACHE_BYTES = 2 * 2**30  # loaded adapters kept in memory (`--adapter-cache-mb`)
 
 log = logging.getLogger("adapter_studio.app")
@@ -52,6 +57,52 @@ class GenerationCancelled(StudioError):
     def __init__(self, message: str, before_start: bool = False):
         super().__init__(message)
         self.before_start = before_start
+
+
+def compile_key(mix: Mix, sp: Any) -> tuple:
+    """What decides whether a call of a compiled pipeline compiles: a key its pipeline has not run yet means a new
+    graph. A guess (a wrong one only mis-states the "compiling" message), after docs/performance.md: the graph
+    follows the stack's structure and the tensors' shapes and dtypes, not their values.
+
+    `mix` is completed (its units the enabled ones, in the order of `sp.stack`, already loaded with them). Per unit:
+    its family, its adapter's size (tensors and parameters: another weights file may be bigger), whether it has a
+    per-sample mask, and per input field the shape it gives — the number of images of an images field, whether an
+    image field is set, the value of a choice / text / JSON field (IP's "combine" may change the token count);
+    numbers (scales, AGD's w) are values and left out. A residual adapter (Ctrl-Adapter) adds its window: its
+    residuals enter the graph only inside it. Per call: the images, whether CFG doubles the UNet's batch, the
+    guidance mode, height, width, frames, and whether the sampler's timesteps are floats (Euler's) or integers.
+    """
+    s = mix.sampling
+    units = []
+    for unit, slot in zip(mix.units, list(sp.stack)):
+        fields = []
+        for f in get_family(unit.family).fields:
+            if f.target != "inputs":
+                continue
+            v = unit.inputs.get(f.key, f.default)
+            if f.kind == "images":
+                fields.append(len(v) if isinstance(v, list) else int(v not in (None, "")))
+            elif f.kind == "image":
+                fields.append(v not in (None, ""))
+            elif f.kind in ("choice", "text", "json"):
+                fields.append(v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
+        params = list(slot.adapter.parameters())
+        size = (len(params), sum(p.numel() for p in params))
+        window = (float(unit.start), float(unit.end)) if isinstance(slot.adapter, ResidualAdapter) else None
+        units.append((unit.family, size, unit.sample_mask is not None, tuple(fields), window))
+    cfg = s.guidance == "cfg" and float(s.guidance_scale) > 1.0
+    return (tuple(units), s.num_images, cfg, s.guidance, s.height, s.width, s.num_frames,
+            _float_timesteps(sp.pipe.scheduler, s.steps))
+
+
+def _float_timesteps(scheduler: Any, steps: int) -> bool | None:
+    """Whether `scheduler` hands the UNet float timesteps for a call of `steps` (on a copy; None: it cannot tell)."""
+    try:
+        probe = copy.deepcopy(scheduler)
+        probe.set_timesteps(steps, device="cpu")
+        return bool(torch.is_floating_point(probe.timesteps))
+    except Exception:  # a scheduler that cannot make these steps: the call itself will say why
+        return None
 
 
 def guidance_choices() -> list[str]:
@@ -70,13 +121,16 @@ class Engine:
         device, dtype: where the pipelines run (default: cuda + fp16 when available, else cpu + fp32).
         limits: this server's caps (the pixel×step budget by default by device).
         adapter_cache_bytes: most bytes of adapter parameters kept loaded (`adapter_cache.AdapterCache`; 0 = none).
-        compile: run every pipeline's UNet compiled with its stack (`StudioPipeline.compile`, docs/performance.md);
-            the first call of each mix structure, batch size or resolution compiles.
+        compile: run every pipeline's UNet compiled with its stack (`StudioPipeline.compile`, docs/performance.md):
+            True, or a dict of its `torch.compile` options (`{"backend": "aot_eager"}`: a fast compile on a CPU, for
+            tests). The first call of each mix structure, batch size or resolution compiles, and says so
+            (`COMPILING`, `compile_key`).
     """
 
     def __init__(self, model: str = "tiny-sd15", models_dir: str | Path = "models", outputs_dir: str | Path = "outputs",
                  max_concurrency: int = 1, device: str | None = None, dtype: torch.dtype | None = None,
-                 limits: Limits | None = None, adapter_cache_bytes: int = ADAPTER_CACHE_BYTES, compile: bool = False):
+                 limits: Limits | None = None, adapter_cache_bytes: int = ADAPTER_CACHE_BYTES,
+                 compile: bool | dict[str, Any] = False):
         self.model = model
         self.preset = load_preset(model)  # fails fast (PresetError) on an unknown model
         self.limits = limits or Limits()
@@ -301,9 +355,13 @@ class Engine:
         return self.jobs.cancel(session or "")
 
     def generate(self, mix: Mix, uploads: dict[str, Path] | None = None, session: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, ticket: str | None = None) -> GenerationResult:
+                 progress: Callable[[int, int], None] | None = None, ticket: str | None = None,
+                 status: Callable[[str], None] | None = None) -> GenerationResult:
         """Run `mix` (completed and checked first) and write its outputs. See the module docstring.
 
+        `progress(step, steps)` is called after each sampling step; `status(message)` with a message for the user
+        before sampling when there is one: `COMPILING` when this call compiles the UNet (a compiled pipeline's first
+        call of this `compile_key`; the result's info says so too).
         `ticket` (from `queue`) is the generation's place among its session's; raises `GenerationCancelled` when it
         was cancelled while queued, before anything runs."""
         ticket, job = self.jobs.start(ticket, session or "")
@@ -317,10 +375,12 @@ class Engine:
             with self.pool.borrow() as sp:
                 if job.cancel.is_set():  # cancelled while waiting for a free pipeline
                     raise GenerationCancelled("cancelled before it started", before_start=True)
-                out = self._run(sp, mix, job.cancel, progress)
+                out, compiled = self._run(sp, mix, job.cancel, progress, status)
         finally:
             self.jobs.finish(ticket)
         res = write_outputs(mix, out, self.outputs_dir, time.perf_counter() - t0)
+        if compiled:
+            res.info += " · compiled the UNet for this mix shape (first run; the next ones reuse it)"
         if tokens.over:
             res.info += f" · prompt cut to its first {tokens.limit} tokens"
         return res
@@ -343,11 +403,20 @@ class Engine:
 
         apply_mix(mix, sp, base_dir=self.models_dir, load=load)
 
-    def _run(self, sp: Any, mix: Mix, cancel: threading.Event, progress: Callable[[int, int], None] | None) -> Any:
+    def _run(self, sp: Any, mix: Mix, cancel: threading.Event, progress: Callable[[int, int], None] | None,
+             status: Callable[[str], None] | None = None) -> tuple[Any, bool]:
+        """Sample `mix` with the borrowed pipeline; returns the pipeline's output and whether the call compiled."""
         s = mix.sampling
         with BUILD_LOCK:
             self._load_units(sp, mix)
         sp.set_sampler(s.sampler)
+        key = compile_key(mix, sp) if sp.stack.compiled else None
+        compiling = key is not None and self.pool.first_run(sp, key)
+        if compiling:
+            log.info("compiling the UNet for a new mix shape: %d unit(s) %s, %d image(s) %dx%d", len(mix.units),
+                     [u.family for u in mix.units], s.num_images, s.width, s.height)
+            if status is not None:
+                status(COMPILING)
         generators = [torch.Generator("cpu").manual_seed(s.seed + i) for i in range(s.num_images)]
 
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -357,5 +426,8 @@ class Engine:
                 progress(i + 1, s.steps)
             return kwargs
 
-        return sp(**call_arguments(s), generator=generators, callback_on_step_end=on_step_end)
+        out = sp(**call_arguments(s), generator=generators, callback_on_step_end=on_step_end)
+        if key is not None:  # remembered once the call succeeded (a cancelled one may not have compiled every graph)
+            self.pool.ran(sp, key)
+        return out, compiling
 

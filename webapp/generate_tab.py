@@ -198,7 +198,8 @@ class GenerateTab:
         progress(0, desc="Loading adapters")
         try:
             res = self.engine.generate(mix, session=session_of(request), ticket=v[self.ticket],
-                                       progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"))
+                                       progress=lambda i, n: progress((i, n), desc="Sampling", unit="steps"),
+                                       status=lambda message: progress(0, desc=message))
         except GenerationCancelled as e:  # not an error: keep the last result on screen
             if e.before_start:  # Cancel said so when it was pressed
                 return gr.skip()

@@ -38,7 +38,9 @@ def build_unet(size: str, device: str, dtype: torch.dtype, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config(size)).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialised where it runs: an SD1.5 UNet takes many seconds to fill on a CPU
+        unet = UNet2DConditionModel(**unet_config(size))
+    return unet.to(dtype=dtype).eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:

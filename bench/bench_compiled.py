@@ -8,7 +8,8 @@ eager vs compiled bare UNet; compiled stack with IP / AGD / IP+AGD vs compiled b
 (AGD: one pass of batch B with the adapter, CFG: one bare pass of batch 2B) at B = 1 and 8; a heterogeneous batch
 of 4 (4 different mixes: none, IP, AGD, IP+AGD with per-sample references and w) vs a uniform batch of 4 (IP+AGD
 for all). Every compiled output is checked against eager (max abs difference printed). Each configuration's inputs
-are encoded once as a sampling call does (`begin_call`), so the steps timed are a call's steps after its first.
+are encoded once as a sampling call does (`begin_call`), so the steps timed are a call's steps after its first; steps
+run back to back with one wait for the GPU per round, as in a sampling loop.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop compiling further configurations once this many seconds have passed (a GPU lease is "
                          "short: the configurations run in order of importance and the tables mark what was skipped)")
+    ap.add_argument("--configs", default=None,
+                    help="which configurations to run, in this order, e.g. 'bare:2,ip+agd:2' (default: all, in order "
+                         "of importance); ratios whose parts are missing say so")
     ap.add_argument("--json", default=None, help="also write every number here (rewritten after each configuration)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     # in order of importance: a short GPU lease compiles as many as its budget allows, the first ones first
     configs = [("bare", 2), ("agd", 1), ("ip", 2), ("ip+agd", 2), ("agd", 2), ("hetero", 4), ("uniform", 4),
                ("agd", B), ("bare", maxb)]
+    if args.configs:
+        configs = [(k, int(b)) for k, b in (c.split(":") for c in args.configs.split(","))]
     step_flops = count_flops(step_fn(2))  # the bare UNet's CFG step (batch 2)
     eager: dict[tuple, float] = {}
     refs: dict[tuple, torch.Tensor] = {}
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         setup(kind, b)
         step = step_fn(b)
         refs[(kind, b)] = step()
-        eager[(kind, b)] = time_fn(step, dev, warmup=1, iters=args.iters)
+        eager[(kind, b)] = time_fn(step, dev, warmup=1, iters=args.iters, back_to_back=True)
     stack.compile(backend=args.backend, mode=args.mode)
     comp: dict[tuple, float] = {}
     first: dict[tuple, float] = {}
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
         first[(kind, b)] = time.perf_counter() - t0
         diff[(kind, b)] = float((out.float() - refs[(kind, b)].float()).abs().max())
-        comp[(kind, b)] = time_fn(step, dev, warmup=2, iters=args.iters)
+        comp[(kind, b)] = time_fn(step, dev, warmup=2, iters=args.iters, back_to_back=True)
         skips[(kind, b)] = cudagraph_skips() - skipped_before
         hook[(kind, b)] = time_fn(hook_fn(b), dev, warmup=2, iters=args.iters)
         print(f"{kind} batch {b}: eager {eager[(kind, b)] * 1e3:.4g} ms, compiled {comp[(kind, b)] * 1e3:.4g} ms "

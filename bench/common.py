@@ -48,12 +48,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds of `fn()` over `iters` runs after `warmup` runs."""
+def time_fn(fn: Callable[[], Any], device: str, warmup: int = 3, iters: int = 10, back_to_back: bool = False) -> float:
+    """Median seconds of `fn()` over `iters` runs after `warmup` runs.
+
+    `back_to_back`: the runs are queued one after another with one wait for the device at the end, as a sampling
+    loop runs its steps (the CPU's work for one call overlaps the GPU's for the last); the median of 3 such rounds.
+    """
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
+    if back_to_back:
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+            times.append((time.perf_counter() - t) / iters)
+        return statistics.median(times)
     for _ in range(iters):
         t = time.perf_counter()
         fn()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,7 +17,9 @@ class ForwardContext:
         batch_size: the UNet batch `N` (`2 * B` under classifier-free guidance: unconditional half first).
         cfg: True when the batch is `[unconditional; conditional]` halves.
         timestep: `[N]` timesteps of this forward.
-        progress: `[N]` fraction of sampling done, in [0, 1] (step index / steps while sampling, else 1 - t/T).
+        progress: `[N]` fraction of sampling done, in [0, 1] (step index / steps while sampling, else 1 - t/T), or
+            None until `step_progress()` is first asked (the stack computes it only then: reading the timestep on
+            the CPU waits for the GPU, which a compiled step without step windows need not do).
         latent_size: `(H, W)` of the latent sample.
         num_frames: frames per video sample (1 for images).
         unet: the UNet being run (adapters use its frozen time embedding, for instance).
@@ -29,12 +31,19 @@ class ForwardContext:
     batch_size: int
     cfg: bool
     timestep: torch.Tensor
-    progress: torch.Tensor
+    progress: torch.Tensor | None
     latent_size: tuple[int, int]
     num_frames: int = 1
     unet: Any = None
     encoder_hidden_states: torch.Tensor | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    progress_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    def step_progress(self) -> torch.Tensor:
+        """`progress`, computed by `progress_fn` on first use."""
+        if self.progress is None and self.progress_fn is not None:
+            self.progress = self.progress_fn()
+        return self.progress
 
     def time_embedding(self) -> torch.Tensor:
         """The UNet's plain timestep embedding `[N, time_embed_dim]` (no added conditioning), computed once per

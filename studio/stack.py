@@ -47,6 +47,7 @@ class Slot:
     _layer_scales: dict[str, float] = field(default_factory=dict)
     # compiled mode: `[layers of the adapter, N]` gate x per-layer scale on the UNet's device, set every forward
     _static_gates: torch.Tensor | None = None
+    _static_gate_cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "scale":
@@ -211,8 +212,16 @@ class AdapterStack:
                     continue
             gate = slot._gate if slot._gate is not None else torch.zeros(n, dtype=torch.float32)
             names = slot.adapter.layer_names()
-            scales = torch.tensor([float(layer_scale(slot.scale, layer)) for layer in names], dtype=torch.float32)
-            slot._static_gates = (scales[:, None] * gate[None, :]).to(device=device, dtype=dtype)
+            scales = tuple(float(layer_scale(slot.scale, layer)) for layer in names)
+            # kept on the device per value: a copy from pageable CPU memory waits for the GPU's queue to drain
+            key = (tuple(gate.tolist()), scales, device, dtype)
+            gates = slot._static_gate_cache.get(key)
+            if gates is None:
+                if len(slot._static_gate_cache) > 32:
+                    slot._static_gate_cache.clear()
+                gates = torch.tensor(scales, dtype=torch.float32)[:, None] * gate[None, :]
+                gates = slot._static_gate_cache[key] = gates.to(device=device, dtype=dtype)
+            slot._static_gates = gates
             for i, layer in enumerate(names):
                 layers.setdefault(layer, []).append((slot, i))
         self._static_layers = layers
@@ -334,11 +343,14 @@ class AdapterStack:
         num_train = getattr(getattr(self.unet, "config", None), "num_train_timesteps", None) or 1000
         return (1.0 - t.double() / num_train).clamp(0.0, 1.0)
 
-    def _gate(self, slot: Slot, progress: torch.Tensor, n: int, cfg: bool) -> torch.Tensor | None:
+    def _gate(self, slot: Slot, ctx: ForwardContext, n: int, cfg: bool) -> torch.Tensor | None:
         if not slot.enabled:
             return None
-        active = (progress >= slot.start) & ((progress < slot.end) | (slot.end >= 1.0))
-        gate = active.to(torch.float32)
+        if slot.start > 0.0 or slot.end < 1.0:
+            progress = ctx.step_progress()
+            gate = ((progress >= slot.start) & ((progress < slot.end) | (slot.end >= 1.0))).to(torch.float32)
+        else:  # the whole sampling run: no need to know where in it this forward is
+            gate = torch.ones(n, dtype=torch.float32)
         if slot.sample_mask is not None:
             m = torch.as_tensor(slot.sample_mask, dtype=torch.float32).detach().cpu().flatten()
             if cfg and m.numel() * 2 == n:
@@ -376,13 +388,11 @@ class AdapterStack:
         t = torch.as_tensor(timestep, device=sample.device).flatten().to(torch.float32)
         if t.numel() == 1:
             t = t.expand(n)
-        # gates are decided on the CPU (one small copy per forward) so no slot or layer waits on the GPU
-        t_cpu = t.detach().cpu()
         # a plain diffusers call runs under no_grad (its __call__ is decorated so): a forward with gradients is a
         # training step or a user's own loop, whose inputs are the slots' as they are
         cfg, scheduler = self.cfg, self._scheduler
         if self.pipe is not None and not self._sampling_depth and not torch.is_grad_enabled():
-            cfg, scheduler = self._begin_plain_call(n, t_cpu, sample)
+            cfg, scheduler = self._begin_plain_call(n, t.detach().cpu(), sample)
         elif self._plain_call and not self._sampling_depth:  # inputs a plain call encoded are not this forward's
             for slot in self.slots.values():
                 slot.call_inputs = None
@@ -390,13 +400,15 @@ class AdapterStack:
         ctx = ForwardContext(batch_size=n, cfg=cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module,
                              encoder_hidden_states=kwargs.get("encoder_hidden_states"))
-        ctx.progress = self._progress(t_cpu, scheduler)
+        # gates are decided on the CPU, so no slot or layer waits on the GPU; the step's progress (which reads the
+        # timestep there, waiting for the GPU) only where a window or an adapter asks for it
+        ctx.progress_fn = lambda: self._progress(t.detach().cpu(), scheduler)
         self.context = ctx
         if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
             ctx.cache["static"] = True
         active: list[Slot] = []
         for slot in self.slots.values():
-            slot._gate = self._gate(slot, ctx.progress, n, cfg)
+            slot._gate = self._gate(slot, ctx, n, cfg)
             slot._gate_on_device = {}
             slot._gate_uniform = None
             slot.state = None

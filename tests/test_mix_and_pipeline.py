@@ -66,7 +66,7 @@ def test_window_counts_steps_and_cfg_mask_covers_both_halves(sd15_pipe):
     orig = adapter.contribution
 
     def spy(layer, *a):
-        active.append(float(studio.stack.context.progress[0]))
+        active.append(float(studio.stack.context.step_progress()[0]))
         return orig(layer, *a)
 
     adapter.contribution = spy

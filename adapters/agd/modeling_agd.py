@@ -191,19 +191,23 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         if "guidance_scale" not in inputs:
             raise StudioError("the AGD adapter needs its guidance scale: give guidance_scale=w (slot input or call)")
         device = ctx.timestep.device
-        w = self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
+
+        def w() -> torch.Tensor:  # checked where used: checking a tensor on the GPU waits for its queue to drain
+            return self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
+
         t_emb = None
         if self.config.timestep_dim:
             with torch.no_grad():  # the base embedding is frozen: no graph needed through it
                 t_emb = ctx.time_embedding()
         if self.config.arch == "additive":
-            return AGDForwardState(embeds=[(blk.embed_w(w), blk.embed_t(t_emb) if t_emb is not None else None)
+            w_ = w()
+            return AGDForwardState(embeds=[(blk.embed_w(w_), blk.embed_t(t_emb) if t_emb is not None else None)
                                            for blk in self.blocks])
         prompt = self._prompt(ctx)
         cache = inputs.get("_cache")
         if cache is None or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
             # a training step (or a direct call): weights may change between forwards, nothing is kept
-            kv = StackedBlocks(self.blocks).all_keys_values(w, t_emb, prompt)
+            kv = StackedBlocks(self.blocks).all_keys_values(w(), t_emb, prompt)
             return AGDForwardState(kv=kv, prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
         stacked = cache.get("stacked")
         if stacked is None:
@@ -211,8 +215,9 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         # kept over the call's steps, keyed by the very objects (and their in-place version) each step hands over
         key = tuple((x, getattr(x, "_version", None)) for x in (inputs["guidance_scale"], prompt))
         fixed = cache.get("fixed")
-        if fixed is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(fixed[0], key)):
-            fixed = cache["fixed"] = (key, stacked.call_keys_values(w, prompt))
+        if (fixed is None or fixed[1].shape[1] != ctx.batch_size
+                or any(a is not b or va != vb for (a, va), (b, vb) in zip(fixed[0], key))):
+            fixed = cache["fixed"] = (key, stacked.call_keys_values(w(), prompt))
         kv = fixed[1]
         if t_emb is not None:
             stacked.set_timestep(kv, t_emb)

@@ -202,7 +202,7 @@ class CtrlAdapter(ResidualAdapter):
         and r is not an unconditional sample in guess mode."""
         n, frames = batch.n, batch.frames
         out = torch.zeros(len(state.conditions), n, frames, dtype=torch.bool)
-        progress = ctx.progress.detach().cpu()
+        progress = ctx.step_progress().detach().cpu()
         for k, cond in enumerate(state.conditions):
             if cond.images is None or cond.conditioning_scale == 0.0:
                 continue

@@ -221,3 +221,44 @@ def test_inductor_numerics_ip_and_agd():
 def _run_detached(stack, unet, x, text):
     stack.detach()
     return _run(unet, x, text)
+
+
+def test_compiled_steps_of_a_call_do_not_wait_for_the_device(parts, monkeypatch):
+    """What keeps a CUDA-graph step from waiting on the GPU: without a step window nothing reads the timestep on the
+    CPU (progress stays uncomputed), the gates' device tensors are reused while their values hold (a copy from
+    pageable memory drains the queue), and AGD checks its w (a device tensor: `bool()` waits) only when it makes
+    the call's keys/values, not every step."""
+    from adapter_studio.context import CallInfo
+
+    pipe, ip, agd, data = parts
+    stack = _stack(pipe, ip, agd, ("ip", "agd"), data)
+    x, text = data["x"][:2], data["text"][:2]
+    checks = []
+    real_as_w = AGDAdapter._as_w
+    monkeypatch.setattr(AGDAdapter, "_as_w", staticmethod(lambda *a: checks.append(1) or real_as_w(*a)))
+    try:
+        stack.compile(backend=CountingBackend())
+        call = CallInfo(pipe=None, batch_size=2, num_images_per_prompt=1, cfg=False, guidance_scale=5.0,
+                        device=torch.device("cpu"), dtype=torch.float32)
+        for slot in stack:
+            slot.call_inputs = slot.adapter.begin_call(dict(slot.inputs), call)
+        assert len(checks) == 1, "begin_call checks w"
+        gates = []
+        for t in (900, 500, 100):
+            _run(pipe.unet, x, text, t)
+            assert stack.context.progress is None, "no window: the step's progress was never computed"
+            gates.append(stack["ip"]._static_gates)
+        assert len(checks) == 2, "w checked once more, when the call's keys/values were made, not at every step"
+        assert gates[0] is gates[1] is gates[2], "unchanged gates: the same device tensor, no copy per step"
+        stack["ip"].scale = 0.5
+        _run(pipe.unet, x, text, 100)
+        assert stack["ip"]._static_gates is not gates[0]
+        assert torch.allclose(stack["ip"]._static_gates, 0.5 * gates[0])
+        stack["ip"].set_window(0.0, 0.6)  # a window needs the step's place in sampling: computed, t=100 -> 0.9
+        _run(pipe.unet, x, text, 100)
+        assert stack.context.progress is not None and float(stack.context.progress[0]) == pytest.approx(0.9)
+        assert float(stack["ip"]._static_gates.abs().max()) == 0.0, "out of its window: gate 0"
+    finally:
+        for slot in stack:
+            slot.call_inputs = None
+        stack.detach()

@@ -6,34 +6,18 @@ Tolerances: 1e-5 absolute against eager for aot_eager (same kernels, other order
 (fused kernels) and for a batch of 4 against 4 batches of 1 (BLAS blocking differs with the batch).
 """
 
-import contextlib
-
 import pytest
 import torch
-from torch._dynamo.backends.registry import lookup_backend
 
 from adapter_studio import AdapterStack
+from compile_helpers import CountingBackend, eager_path, fresh_dynamo
 from adapter_studio.adapters.agd import AGDAdapter
 from adapter_studio.adapters.ip_adapter import IPAdapter
 
 
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given (one per compile or recompile)."""
-
-    def __init__(self, inner: str = "aot_eager"):
-        self.inner = lookup_backend(inner)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    yield from fresh_dynamo()
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +41,6 @@ def parts():
 def _run(unet, x, text, t=500):
     with torch.no_grad():
         return unet(x, torch.tensor(t), text).sample
-
-
-@contextlib.contextmanager
-def _eager(stack):
-    """The plain eager path of the same stack (compiled forward and static gates off), then back to compiled."""
-    unet, fn = stack.unet, stack.unet.__dict__.pop("forward")
-    stack.static = False
-    try:
-        yield
-    finally:
-        stack.static = True
-        unet.forward = fn
 
 
 def _stack(pipe, ip, agd, config, data):
@@ -123,7 +95,7 @@ def test_changing_scale_window_mask_and_inputs_does_not_recompile(parts):
         for change in [lambda: None, *changes]:
             change()
             out = _run(pipe.unet, x, text)
-            with _eager(stack):
+            with eager_path(stack):
                 ref = _run(pipe.unet, x, text)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
             outs.append(out)
@@ -131,7 +103,7 @@ def test_changing_scale_window_mask_and_inputs_does_not_recompile(parts):
         assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:])), "every change acts"
         stack.remove("agd")  # a structural change may recompile, and still matches eager
         out = _run(pipe.unet, x, text)
-        with _eager(stack):
+        with eager_path(stack):
             torch.testing.assert_close(out, _run(pipe.unet, x, text), rtol=0, atol=1e-5)
     finally:
         stack.detach()

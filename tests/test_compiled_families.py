@@ -16,15 +16,13 @@ compiled graph that kept a stale value would fail the equality with eager.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch._dynamo.backends.registry import lookup_backend
 
 from adapter_studio import AdapterStack
+from compile_helpers import CountingBackend, eager_path, fresh_dynamo
 from adapter_studio.adapters.agd import AGDAdapter
 from adapter_studio.adapters.ctrl_adapter import CtrlAdapter, CtrlAdapterModel
 from adapter_studio.adapters.i2v_adapter import I2VAdapter
@@ -36,28 +34,14 @@ ACTS = 1e-4  # the least difference a change must make (10x the tolerance)
 FRAMES = 3
 
 
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given (one per compile or recompile)."""
-
-    def __init__(self, inner: str = "aot_eager"):
-        self.inner = lookup_backend(inner)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
+def _img(seed: int) -> Image.Image:
+    """A 64 px control image: the size 8x8 latents decode to (no resizing)."""
+    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _img(seed: int) -> Image.Image:
-    """A 64 px control image: the size 8x8 latents decode to (no resizing)."""
-    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
+    yield from fresh_dynamo()
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +89,10 @@ def _run(unet, data, t):
         return unet(data["x"], torch.tensor(t), data["text"]).sample
 
 
-@contextlib.contextmanager
-def _eager(stack):
-    """The plain eager path of the same stack (compiled forward and static gates off), then back to compiled."""
-    unet, fn = stack.unet, stack.unet.__dict__.pop("forward")
-    stack.static = False
-    try:
-        yield
-    finally:
-        stack.static = True
-        unet.forward = fn
-
-
 def _compiled_and_eager(stack, data, t):
     """This forward compiled and eager; asserts they agree."""
     out = _run(stack.unet, data, t)
-    with _eager(stack):
+    with eager_path(stack):
         ref = _run(stack.unet, data, t)
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
     return out
@@ -197,7 +169,7 @@ def test_ctrl_adapter_and_ip_adapter_together_compiled_equals_eager(sd15):
             ("ctrl scale", lambda: setattr(stack["ctrl"], "scale", 0.6)),
             ("control image", lambda: stack["ctrl"].inputs.update(image=_img(3))),
         ], backend)
-        with _eager(stack):  # each acts next to the other (switched off on the eager path: no recompilation)
+        with eager_path(stack):  # each acts next to the other (switched off on the eager path: no recompilation)
             for name in ("ctrl", "ip"):
                 stack[name].enabled = False
                 assert (_run(unet, data, t) - both).abs().max() > 1e-2, f"{name} acts next to the other"
@@ -248,7 +220,7 @@ def test_i2v_adapter_and_agd_together_compiled_equals_eager(video):
             ("first frame", lambda: i2v_slot.inputs.update(image_latents=data["first"][1:])),
             ("i2v scale", lambda: setattr(i2v_slot, "scale", 0.5)),
         ], backend)
-        with _eager(stack):
+        with eager_path(stack):
             for name in ("i2v", "agd"):
                 stack[name].enabled = False
                 assert (_run(unet, data, t) - both).abs().max() > 1e-2, f"{name} acts next to the other"

@@ -144,3 +144,10 @@ class ResidualAdapter(StudioAdapter):
             block's output, or None for zeros.
         """
         raise NotImplementedError
+
+    def zero_residuals(self, inputs: dict[str, Any], ctx: ForwardContext,
+                       call: UNetCall) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+        """Zeros shaped as `residuals` would return them, computed without running anything, or None where the
+        adapter cannot tell. Compiled mode hands them to the UNet while the adapter adds nothing (out of its window,
+        scale 0, masked off), so the graph keeps its residual inputs: one graph instead of one with and one without."""
+        return None

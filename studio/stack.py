@@ -423,6 +423,8 @@ class AdapterStack:
                 kwargs["sample"] = pinned
         down_res: list[torch.Tensor] | None = None
         mid_res: torch.Tensor | None = None
+        call = UNetCall(sample=kwargs["sample"], timestep=t, encoder_hidden_states=kwargs.get("encoder_hidden_states"),
+                        added_cond_kwargs=kwargs.get("added_cond_kwargs"), num_frames=ctx.num_frames)
         for slot in active:
             if isinstance(slot.adapter, AttentionAdapter):
                 slot.state = slot.adapter.prepare(self._inputs(slot), ctx)
@@ -431,8 +433,6 @@ class AdapterStack:
             down_scales, mid_scale = residual_scales(slot.scale, module.config)
             if mid_scale == 0.0 and not any(down_scales):  # nothing would be added: do not run the ControlNet
                 continue
-            call = UNetCall(sample=kwargs["sample"], timestep=t, encoder_hidden_states=kwargs.get("encoder_hidden_states"),
-                            added_cond_kwargs=kwargs.get("added_cond_kwargs"), num_frames=ctx.num_frames)
             down, mid = slot.adapter.residuals(self._inputs(slot), ctx, call)
             if len(down) != len(down_scales):
                 raise StudioError(f"adapter {slot.name!r} returned {len(down)} down residuals; this UNet takes "
@@ -444,6 +444,13 @@ class AdapterStack:
             mid_res = mid if mid_res is None else mid_res + mid
         if self.static:
             self._static_prepare(ctx, n, cfg, kwargs["sample"].device, ctx.unet_dtype())
+            if down_res is None:  # an enabled residual adapter adding nothing now: zeros keep the graph's inputs
+                zeros = [s.adapter.zero_residuals(self._inputs(s), ctx, call) for s in self.slots.values()
+                         if s.enabled and isinstance(s.adapter, ResidualAdapter)]
+                zeros = [z for z in zeros if z is not None]
+                if zeros:
+                    down_res = zeros[0][0]
+                    mid_res = zeros[0][1] if zeros[0][1] is not None else torch.zeros_like(down_res[-1])
         if down_res is not None:
             given = kwargs.get("down_block_additional_residuals")
             kwargs["down_block_additional_residuals"] = (

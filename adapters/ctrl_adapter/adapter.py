@@ -196,6 +196,13 @@ class CtrlAdapter(ResidualAdapter):
         scatter = lambda t: t.new_zeros(rows, *t.shape[1:]).index_copy_(0, sel, t)  # noqa: E731
         return [scatter(d) for d in down], None if mid is None else scatter(mid)
 
+    def zero_residuals(self, inputs: dict[str, Any], ctx: ForwardContext,
+                       call: UNetCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Zero target residuals `[R, C_i, h_i, w_i]` from the target's layout alone (no ControlNet run)."""
+        sample = call.sample
+        latents = sample.permute(0, 2, 1, 3, 4).flatten(0, 1) if sample.ndim == 5 else sample
+        return self._zeros(latents.shape[0], tuple(latents.shape[-2:]), latents), None
+
     # ---- the pieces
     def _presence(self, state: CallState, ctx: ForwardContext, batch: "_Batch") -> torch.Tensor:
         """`[K, R]` bools: condition k has a control image at row r, r's step is in its window, its scale is not 0,

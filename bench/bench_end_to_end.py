@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tol", type=float, default=None,
                     help="max abs pixel difference (0-255) compiled vs eager counted as equal (default 8 fp16, 2 fp32)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining parts once this is exceeded")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the parts of an IP+AGD image (encoders, sampling loop, VAE decode)")
     ap.add_argument("--json", default=None, help="write the numbers to this JSON file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -254,10 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     b.results["adapter_params"] = {"ip": sum(p.numel() for p in ip.parameters()),
                                    "agd": sum(p.numel() for p in agd.parameters())}
 
-    def call(mode: str):
+    def call(mode: str, **overrides: Any):
         ip_slot.enabled = agd_slot.enabled = mode == "ip+agd"
         return sp(prompt, guidance="agd" if mode == "ip+agd" else "cfg", guidance_scale=args.guidance_scale,
-                  generator=gen(), **common)
+                  generator=gen(), **{**common, **overrides})
 
     # 2. CFG through the wrapper with every adapter off, 3. IP + AGD eager
     if not b.over_budget("CFG eager through StudioPipeline"):
@@ -283,10 +285,52 @@ def main(argv: list[str] | None = None) -> None:
                 b.part("cfg_compiled", lambda: b.measure(
                     "cfg_compiled", "CFG compiled, StudioPipeline (adapters off)", lambda: call("cfg"), compiled=True,
                     ref=images.get("cfg_eager")))
+    if args.breakdown and not b.over_budget("the breakdown"):
+        b.part("breakdown", lambda: breakdown(b, sp, pipe, reference, prompt, call, common))
     report(b, args, where, dtype, side, tol)
     b.results["total_s"] = time.perf_counter() - T0
     b.save()
     log(f"done in {b.results['total_s']:.1f} s")
+
+
+def breakdown(b: Bench, sp: Any, pipe: Any, reference: Any, prompt: str, call: Callable[[str], Any],
+              common: dict[str, Any]) -> None:
+    """Where one IP + AGD image's time goes (as the pipeline is now: compiled if it was compiled): the prompt's and
+    the reference's encoders, the sampling call without the decode (latents out), the VAE decode; the rest of the
+    sampling call per step is the UNet step plus what runs between steps (scheduler, callbacks, the pre-hook)."""
+    dev, iters, steps = b.args.device, b.args.iters, b.args.steps
+
+    @torch.no_grad()
+    def median_s(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(iters):
+            sync(dev)
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    device = pipe.unet.device
+    pixels_in = pipe.feature_extractor(reference, return_tensors="pt").pixel_values.to(device, pipe.image_encoder.dtype)
+    latents = call("ip+agd", output_type="latent").images
+    parts = {
+        "text encoder (prompt)": median_s(lambda: pipe.encode_prompt(prompt, device, 1, False)),
+        "image encoder (reference)": median_s(lambda: pipe.image_encoder(pixels_in)),
+        f"sampling call, latents out ({steps} steps, both encoders included)":
+            median_s(lambda: call("ip+agd", output_type="latent")),
+        "VAE decode + to PIL": median_s(lambda: pipe.image_processor.postprocess(
+            pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample, output_type="pil")),
+    }
+    key = f"sampling call, latents out ({steps} steps, both encoders included)"
+    per_step = (parts[key] - parts["text encoder (prompt)"] - parts["image encoder (reference)"]) / steps
+    b.results["breakdown_s"] = dict(parts, per_step_in_the_loop=per_step)
+    rows = [[k, v * 1e3] for k, v in parts.items()]
+    rows.append(["per step inside the sampling call (UNet step + scheduler + between-step work)", per_step * 1e3])
+    print_table(f"Where an IP+AGD image's time goes ({'compiled' if sp.stack.compiled else 'eager'})",
+                ["part", "ms"], rows)
+    b.save()
 
 
 def report(b: Bench, args, where: str, dtype: torch.dtype, side: int, tol: float) -> None:

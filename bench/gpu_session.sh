@@ -46,7 +46,7 @@ timeout "${COMPILED_LIMIT:-300}" $PY bench/bench_compiled.py --device cuda --siz
   --budget-s "${COMPILED_BUDGET:-210}" --json "$OUT/compiled.json" ${COMPILED_CONFIGS:+--configs "$COMPILED_CONFIGS"}
 stamp "bench_end_to_end (IP + AGD image, 512 px, 25 steps)"
 timeout "${E2E_LIMIT:-190}" $PY bench/bench_end_to_end.py --device cuda --size sd15 --iters 5 \
-  --budget-s "${E2E_BUDGET:-140}" --skip-compiled-cfg --json "$OUT/e2e.json"
+  --budget-s "${E2E_BUDGET:-140}" --skip-compiled-cfg --breakdown --json "$OUT/e2e.json"
 if [ -z "${SKIP_TESTS:-}" ]; then
   stamp "CUDA tests"
   timeout "${TESTS_LIMIT:-100}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ip_adapter_cuda.py

@@ -268,16 +268,17 @@ def test_w_comes_from_the_call_or_from_the_unit_inputs(sd15_pipe):
         sp("a", guidance="cfg", num_inference_steps=1)
 
 
-@pytest.mark.parametrize("use_timestep,use_prompt", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("use_timestep,use_prompt,extra", [
+    (True, True, {}), (False, True, {"qkv_bias": True}), (True, False, {"num_heads": 2, "qkv_bias": True})])
 def test_every_layers_keys_values_at_once_equal_each_block_alone_and_are_kept_over_a_call(
-        sd15_pipe, use_timestep, use_prompt):
+        sd15_pipe, use_timestep, use_prompt, extra):
     """`adapters.agd.batched` (all layers' keys/values in a few stacked products, w and prompt parts kept over a
     call) gives each layer what its block computes alone from `[w, t, prompt]`."""
     from adapter_studio.context import CallInfo, ForwardContext
 
     unet = sd15_pipe.unet
     adapter = _randomize(AGDAdapter.from_unet(unet, hidden_dim=16, use_timestep=use_timestep,
-                                              use_prompt=use_prompt), seed=3)
+                                              use_prompt=use_prompt, **extra), seed=3)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randn(2, 77, 32, generator=g)
     t = torch.tensor([999.0, 101.0])

@@ -37,32 +37,28 @@ class StackedBlocks:
     """
 
     def __init__(self, blocks: Sequence[GuidanceCrossAttention]):
-        def stack(get) -> torch.Tensor:
-            return torch.stack([get(b) for b in blocks])
-
-        def stack_or_none(get) -> torch.Tensor | None:
-            got = [get(b) for b in blocks]
-            return None if got[0] is None else torch.stack(got)
+        def stack(name: str) -> torch.Tensor | None:
+            """Tensor `name` (e.g. "k_proj.weight") of every block, stacked: `[L, ...]`; None where blocks lack it."""
+            module, _, attr = name.rpartition(".")
+            try:
+                got = [getattr(b.get_submodule(module), attr) for b in blocks]
+            except AttributeError:  # timestep_proj / prompt_proj is None
+                return None
+            return None if got[0] is None else torch.stack(got)  # None: a Linear without bias
 
         first = blocks[0]
-        enc = lambda b: b.guidance_scale_embedder.net  # noqa: E731  [Fourier, MLP, LayerNorm]
-        self.freqs = stack(lambda b: enc(b)[0].frequencies.float())  # [L, H]
-        self.phases = stack(lambda b: enc(b)[0].phases.float())  # [L, H]
-        self.w1 = stack(lambda b: enc(b)[1].net[0].weight)  # [L, M, H]
-        self.b1 = stack(lambda b: enc(b)[1].net[0].bias)  # [L, M]
-        self.w2 = stack(lambda b: enc(b)[1].net[2].weight)  # [L, H, M]
-        self.b2 = stack(lambda b: enc(b)[1].net[2].bias)  # [L, H]
-        self.ln_w = stack(lambda b: enc(b)[2].weight)  # [L, H]
-        self.ln_b = stack(lambda b: enc(b)[2].bias)  # [L, H]
-        self.ln_eps = enc(first)[2].eps
-        proj = lambda b, name, part: getattr(getattr(b, name), part) if getattr(b, name) is not None else None  # noqa
-        self.wt = stack_or_none(lambda b: proj(b, "timestep_proj", "weight"))  # [L, H, T]
-        self.bt = stack_or_none(lambda b: proj(b, "timestep_proj", "bias"))  # [L, H]
-        self.wp = stack_or_none(lambda b: proj(b, "prompt_proj", "weight"))  # [L, H, C]
-        self.bp = stack_or_none(lambda b: proj(b, "prompt_proj", "bias"))  # [L, H]
+        enc = "guidance_scale_embedder.net"  # [Fourier features, MLP, LayerNorm]
+        self.freqs = stack(f"{enc}.0.frequencies").float()  # [L, H]
+        self.phases = stack(f"{enc}.0.phases").float()  # [L, H]
+        self.w1, self.b1 = stack(f"{enc}.1.net.0.weight"), stack(f"{enc}.1.net.0.bias")  # [L, M, H], [L, M]
+        self.w2, self.b2 = stack(f"{enc}.1.net.2.weight"), stack(f"{enc}.1.net.2.bias")  # [L, H, M], [L, H]
+        self.ln_w, self.ln_b = stack(f"{enc}.2.weight"), stack(f"{enc}.2.bias")  # [L, H]
+        self.ln_eps = first.get_submodule(f"{enc}.2").eps
+        self.wt, self.bt = stack("timestep_proj.weight"), stack("timestep_proj.bias")  # [L, H, T], [L, H] or None
+        self.wp, self.bp = stack("prompt_proj.weight"), stack("prompt_proj.bias")  # [L, H, C], [L, H] or None
         # keys and values side by side: one product gives both, `[L, 2H, H]` / `[L, 2H]`
-        self.w_kv = torch.cat([stack(lambda b: b.k_proj.weight), stack(lambda b: b.v_proj.weight)], dim=1)
-        bk, bv = stack_or_none(lambda b: b.k_proj.bias), stack_or_none(lambda b: b.v_proj.bias)
+        self.w_kv = torch.cat([stack("k_proj.weight"), stack("v_proj.weight")], dim=1)
+        bk, bv = stack("k_proj.bias"), stack("v_proj.bias")
         self.b_kv = None if bk is None else torch.cat([bk, bv], dim=1)
         self.pe = first.pos_enc.pe  # [max_len, H], the same table in every block (a function of max_len, H)
         self.dtype = self.w_kv.dtype

@@ -209,7 +209,8 @@ def test_compiled_steps_of_a_call_do_not_wait_for_the_device(parts, monkeypatch)
     real_as_w = AGDAdapter._as_w
     monkeypatch.setattr(AGDAdapter, "_as_w", staticmethod(lambda *a: checks.append(1) or real_as_w(*a)))
     try:
-        stack.compile(backend=CountingBackend())
+        backend = CountingBackend()
+        stack.compile(backend=backend)
         call = CallInfo(pipe=None, batch_size=2, num_images_per_prompt=1, cfg=False, guidance_scale=5.0,
                         device=torch.device("cpu"), dtype=torch.float32)
         for slot in stack:
@@ -217,9 +218,12 @@ def test_compiled_steps_of_a_call_do_not_wait_for_the_device(parts, monkeypatch)
         assert len(checks) == 1, "begin_call checks w"
         gates = []
         for t in (900, 500, 100):
-            _run(pipe.unet, x, text, t)
+            out = _run(pipe.unet, x, text, t)
             assert stack.context.progress is None, "no window: the step's progress was never computed"
             gates.append(stack["ip"]._static_gates)
+            with eager_path(stack):  # the same call eagerly: AGD's timestep row made in the pre-hook, not the graph
+                torch.testing.assert_close(out, _run(pipe.unet, x, text, t), rtol=0, atol=1e-5)
+        assert backend.graphs == 1, "three timesteps of a call: one graph"
         assert len(checks) == 2, "w checked once more, when the call's keys/values were made, not at every step"
         assert gates[0] is gates[1] is gates[2], "unchanged gates: the same device tensor, no copy per step"
         stack["ip"].scale = 0.5

@@ -9,8 +9,10 @@ axis `L` and the same work is a handful of batched products for every layer at o
 * the w tokens and the prompt tokens are fixed for a whole sampling call: their keys/values (`[L, N, K, 2H]`, keys
   and values side by side) are computed once per call and kept by `AGDAdapter` while no weight needs gradients;
 * only the timestep token changes between steps. `k_proj(timestep_proj(t_emb) + pe_1)` is affine in `t_emb`, so the
-  two Linears and the position fold into one `[L * 2H, T]` weight per call, and each forward costs one product and one
-  in-place copy into the kept keys/values (`set_timestep`), for every layer.
+  two Linears and the position fold into one `[L * 2H, T]` weight per call, and each forward costs one product for
+  every layer: in eager mode in the stack's pre-hook, copied into the kept keys/values in place (`set_timestep`); in
+  compiled mode inside the graph, where each layer puts its row in front of the kept keys/values (no eager kernel and
+  no Python per step for AGD outside the graph).
 
 A training step (weights change every forward) takes `all_keys_values`: the same stacked products in the blocks' own
 order, differentiable, nothing kept. Keys of the parts concatenated equal keys of the concatenated tokens (`k_proj`
@@ -124,18 +126,26 @@ class StackedBlocks:
             parts.append(self.keys_values(self.prompt_tokens(prompt), self.prompt_offset))
         return torch.cat(parts, dim=2)
 
-    def set_timestep(self, kv: torch.Tensor, t_emb: torch.Tensor) -> None:
-        """Write this forward's timestep keys/values into slot 1 of `kv` (`call_keys_values`) in place: one product
-        `[N, T] x [T, L * 2H]` and one copy for every layer. The timestep's Linear, its position and `k_proj` /
-        `v_proj` are folded into one `[L, 2H, T]` weight once per call (in float32, then the blocks' dtype)."""
+    def timestep_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timestep's Linear, its position and `k_proj` / `v_proj` folded into one weight `[L*2H, T]` and bias
+        `[L*2H]` (computed once, in float32, then the blocks' dtype): `t_emb -> [w, t, ...]`'s slot-1 keys/values."""
         if self._t_kv is None:
             pos = (self.bt + self.pe[1].to(self.bt.dtype)).float()  # [L, H]
             w = torch.bmm(self.w_kv.float(), self.wt.float())  # [L, 2H, T]
             b = torch.bmm(self.w_kv.float(), pos[:, :, None])[..., 0]
             if self.b_kv is not None:
                 b = b + self.b_kv.float()
-            self._t_kv = (w.flatten(0, 1).to(self.dtype), b.flatten().to(self.dtype))  # [L*2H, T], [L*2H]
-        w, b = self._t_kv
-        n = t_emb.shape[0]
-        kv_t = torch.addmm(b, t_emb.to(self.dtype), w.t())  # [N, L*2H]
-        kv[:, :, 1].copy_(kv_t.view(n, kv.shape[0], -1).transpose(0, 1))
+            self._t_kv = (w.flatten(0, 1).to(self.dtype), b.flatten().to(self.dtype))
+        return self._t_kv
+
+
+def timestep_keys_values(weight: tuple[torch.Tensor, torch.Tensor], t_emb: torch.Tensor, layers: int) -> torch.Tensor:
+    """This forward's timestep keys/values for every layer, `[N, L, 2H]`: one product `[N, T] x [T, L*2H]`
+    (`weight` from `StackedBlocks.timestep_weight`)."""
+    w, b = weight
+    return torch.addmm(b, t_emb.to(w.dtype), w.t()).view(t_emb.shape[0], layers, -1)
+
+
+def set_timestep(kv: torch.Tensor, kv_t: torch.Tensor) -> None:
+    """Write `kv_t` `[N, L, 2H]` into slot 1 of the call's keys/values `kv` `[L, N, K, 2H]` in place (eager mode)."""
+    kv[:, :, 1].copy_(kv_t.transpose(0, 1))

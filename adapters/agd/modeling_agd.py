@@ -27,7 +27,7 @@ from adapter_studio.adapter import AttentionAdapter
 from adapter_studio.context import CallInfo, ForwardContext
 from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
-from .batched import StackedBlocks
+from .batched import StackedBlocks, set_timestep, timestep_keys_values
 from .layers import GuidanceAdditive, GuidanceCrossAttention
 
 ARCHS = ("attention", "additive")
@@ -59,11 +59,14 @@ class AGDForwardState:
             `[w, t, prompt...]` (`adapters.agd.batched`); without the forward's text tokens in the context, only
             `[w, t]` (K = 1 or 2) and each layer adds its prompt's from the `encoder_hidden_states` it is given.
         prompt_in_keys: whether `kv` holds the prompt tokens already.
+        t_weight: compiled mode: the folded timestep weight (`StackedBlocks.timestep_weight`); the layers then make
+            the timestep's keys/values inside the graph (slot 1 of `kv` is stale), else None (slot 1 is this forward's).
         embeds: "additive" arch: per layer the embedded `(w, t)` `[N, H]` (t None without timestep conditioning).
     """
 
     kv: torch.Tensor | None = None
     prompt_in_keys: bool = False
+    t_weight: tuple[torch.Tensor, torch.Tensor] | None = None
     embeds: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
@@ -116,6 +119,7 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
             raise StudioError(f"AGD needs one input dim per layer: got {len(layer_paths)} layers, "
                               f"{len(input_dims)} dims")
         self.layer_paths = list(layer_paths)
+        self._t_cache_key = f"agd.timestep_kv.{id(self)}"  # this adapter's entry in a forward's context cache
         self._index = {p + _PROC: i for i, p in enumerate(self.layer_paths)}
         mult = guidance_scale_mult if guidance_scale_mult is not None else (1.0 if arch == "attention" else 1000.0)
         self.w_mult = float(mult)
@@ -195,19 +199,21 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         def w() -> torch.Tensor:  # checked where used: checking a tensor on the GPU waits for its queue to drain
             return self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
 
-        t_emb = None
-        if self.config.timestep_dim:
+        def t_emb() -> torch.Tensor | None:
+            if not self.config.timestep_dim:
+                return None
             with torch.no_grad():  # the base embedding is frozen: no graph needed through it
-                t_emb = ctx.time_embedding()
+                return ctx.time_embedding()
+
         if self.config.arch == "additive":
-            w_ = w()
-            return AGDForwardState(embeds=[(blk.embed_w(w_), blk.embed_t(t_emb) if t_emb is not None else None)
+            w_, t_ = w(), t_emb()
+            return AGDForwardState(embeds=[(blk.embed_w(w_), blk.embed_t(t_) if t_ is not None else None)
                                            for blk in self.blocks])
         prompt = self._prompt(ctx)
         cache = inputs.get("_cache")
         if cache is None or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
             # a training step (or a direct call): weights may change between forwards, nothing is kept
-            kv = StackedBlocks(self.blocks).all_keys_values(w(), t_emb, prompt)
+            kv = StackedBlocks(self.blocks).all_keys_values(w(), t_emb(), prompt)
             return AGDForwardState(kv=kv, prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
         stacked = cache.get("stacked")
         if stacked is None:
@@ -218,10 +224,13 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
         if (fixed is None or fixed[1].shape[1] != ctx.batch_size
                 or any(a is not b or va != vb for (a, va), (b, vb) in zip(fixed[0], key))):
             fixed = cache["fixed"] = (key, stacked.call_keys_values(w(), prompt))
-        kv = fixed[1]
-        if t_emb is not None:
-            stacked.set_timestep(kv, t_emb)
-        return AGDForwardState(kv=kv, prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
+        state = AGDForwardState(kv=fixed[1], prompt_in_keys=prompt is not None and self.config.prompt_dim is not None)
+        if self.config.timestep_dim:
+            if ctx.cache.get("static"):  # compiled: the timestep's keys/values are made inside the graph
+                state.t_weight = stacked.timestep_weight()
+            else:
+                set_timestep(state.kv, timestep_keys_values(stacked.timestep_weight(), t_emb(), len(self.blocks)))
+        return state
 
     def contribution(self, layer: str, attn: nn.Module, hidden_states: torch.Tensor,
                      encoder_hidden_states: torch.Tensor | None, state: AGDForwardState,
@@ -236,7 +245,14 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
             w_tok = ctx.expand(w_tok, n)
             t_tok = ctx.expand(t_tok, n) if t_tok is not None else None
             return blk(hidden_states, blk.vector(w_tok, t_tok, prompt)).to(hidden_states.dtype)
-        kv = ctx.expand(state.kv[i], n)
+        kv = state.kv[i]
+        if state.t_weight is not None:  # compiled mode: this forward's timestep row, once for every layer
+            kv_t = ctx.cache.get(self._t_cache_key)
+            if kv_t is None:
+                kv_t = ctx.cache[self._t_cache_key] = timestep_keys_values(state.t_weight, ctx.time_embedding(),
+                                                                           len(self.blocks))
+            kv = torch.cat([kv[:, :1], kv_t[:, i, None].to(kv.dtype), kv[:, 2:]], dim=1)
+        kv = ctx.expand(kv, n)
         h = kv.shape[-1] // 2
         keys, values = kv[..., :h], kv[..., h:]
         if not state.prompt_in_keys and prompt is not None:  # the layer's own text tokens (no context prompt)

@@ -25,11 +25,7 @@ weights, nothing downloaded).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ip_adapter import TEXT_ENCODERS, VAES  # noqa: E402
-from bench.common import build_unet, machine, print_table, sync, time_fn, unet_config  # noqa: E402
+from bench.common import (add_worker_args, build_unet, fastest, loop_result, machine, peak_memory,  # noqa: E402
+                          preset_file, print_table, run_training_workers, run_worker, sync, time_fn, timed_steps,
+                          training_header, training_rows)
 
 # the adapter's transformer width per size: the release's 8 heads x 64 at SD1.5 size, scaled with the model below it
 HEADS = {"tiny": dict(num_attention_heads=4, attention_head_dim=8),
@@ -170,32 +167,6 @@ def bench_unet(args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ part: train
-def preset_file(size: str, folder: Path) -> tuple[str, int]:
-    """A model preset (random weights, built from configs) for `size` and its image resolution."""
-    import yaml
-
-    from adapter_studio.presets import load_preset
-
-    if size == "tiny":
-        return "tiny-sd15", 64
-    base = load_preset("tiny-sd15").config
-    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in unet_config(size).items()}
-    cfg = {k: v for k, v in base.items() if k not in ("unet", "vae", "text_encoder", "image_encoder")}
-    cfg.update(name=f"bench-{size}", unet=unet, vae=VAES[size], text_encoder=TEXT_ENCODERS[size],
-               resolution=unet["sample_size"] * 8)
-    path = folder / f"bench-{size}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path), unet["sample_size"] * 8
-
-
-def _peak_memory(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 TRAINED = {"studio": ADAPTERS[0], "studio-light": ADAPTERS[2]}  # worker name -> adapter shape
 
 
@@ -217,7 +188,7 @@ def worker_studio(args: argparse.Namespace) -> dict[str, Any]:
           "--num_attention_heads", str(heads["num_attention_heads"]),
           "--attention_head_dim", str(heads["attention_head_dim"]), *mp, "--lr_warmup_steps", "0",
           "--resume_from_checkpoint", "null"])
-    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": _peak_memory(args.device)}
+    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": peak_memory(args.device)}
 
 
 def worker_controlnet(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,36 +212,28 @@ def worker_controlnet(args: argparse.Namespace) -> dict[str, Any]:
                           caption_column="text")
     ds = CtrlAdapterDataset(load_records(cfg), args.resolution, ["canny"])
     loader = torch.utils.data.DataLoader(ds, batch_size=args.train_batch, shuffle=True, drop_last=True)
-    stamps, step = [], 0
-    while step < args.steps:
-        for batch in loader:
-            with torch.no_grad():
-                latents = vae.encode(batch["pixel_values"].to(dev, amp)).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
-                noisy = sched.add_noise(latents, noise, t)
-                ids = pipe.tokenizer(batch["caption"], max_length=77, padding="max_length", truncation=True,
-                                     return_tensors="pt").input_ids.to(dev)
-                text = text_encoder(ids)[0]
-            with torch.autocast(dev.type, dtype=amp, enabled=dev.type == "cuda"):
-                down, mid = controlnet(noisy, t, text, controlnet_cond=batch["conditions"][:, 0].to(dev),
-                                       return_dict=False)
-                pred = unet(noisy, t, text, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.time())
-            step += 1
-            if step >= args.steps:
-                break
-    rate = (len(stamps) - 2) / (stamps[-1] - stamps[1])  # skip the first (warm-up) step, as the loop helper does
-    return {"steps_per_s": rate, "peak_mib": _peak_memory(args.device)}
+    stamps: list[float] = []
+    for batch in timed_steps(lambda: loader, args.steps, args.device, stamps):
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"].to(dev, amp)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
+            noisy = sched.add_noise(latents, noise, t)
+            ids = pipe.tokenizer(batch["caption"], max_length=77, padding="max_length", truncation=True,
+                                 return_tensors="pt").input_ids.to(dev)
+            text = text_encoder(ids)[0]
+        with torch.autocast(dev.type, dtype=amp, enabled=dev.type == "cuda"):
+            down, mid = controlnet(noisy, t, text, controlnet_cond=batch["conditions"][:, 0].to(dev),
+                                   return_dict=False)
+            pred = unet(noisy, t, text, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loop_result(stamps, args.device)
 
 
 def bench_train(args: argparse.Namespace) -> str:
@@ -278,32 +241,17 @@ def bench_train(args: argparse.Namespace) -> str:
     from adapter_studio.presets import load_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        preset, res = preset_file(args.size, Path(tmp))
+        preset, res = preset_file(args.size, Path(tmp), image_encoder=False)
         write_demo_data(Path(tmp) / "data", max(16, 2 * args.train_batch), size=res)
         _controlnet(load_pipeline(preset).unet).save_pretrained(Path(tmp) / "controlnet")  # the frozen source
-        results: dict[str, dict[str, Any]] = {}
         kinds = ("controlnet", *TRAINED) * max(1, min(args.rounds, 2))
-        for kind in kinds:
-            cmd = [sys.executable, __file__, "--_worker", kind, "--device", args.device, "--size", args.size,
-                   "--workdir", tmp, "--preset", preset, "--resolution", str(res), "--train_batch",
-                   str(args.train_batch), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode:
-                raise SystemExit(f"{kind} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-            r = json.loads(line[len("RESULT "):])
-            best = results.get(kind)
-            results[kind] = r if best is None or r["steps_per_s"] > best["steps_per_s"] else best
-            shutil.rmtree(Path(tmp) / "studio-run", ignore_errors=True)
+        results = fastest(run_training_workers(__file__, kinds, args, tmp, preset, res))
     ref = results["controlnet"]
-    rows = [[name, r["steps_per_s"], r["steps_per_s"] / ref["steps_per_s"], r["peak_mib"],
-             r["peak_mib"] / ref["peak_mib"]]
-            for name, r in (("training a ControlNet for the target (diffusers-style loop)", ref),
-                            *((f"train/ctrl_adapter.py, frozen ControlNet, adapter {TRAINED[k][0]}", results[k])
-                              for k in TRAINED))]
-    mem = "peak CUDA MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    rows = training_rows((("training a ControlNet for the target (diffusers-style loop)", ref),
+                          *((f"train/ctrl_adapter.py, frozen ControlNet, adapter {TRAINED[k][0]}", results[k])
+                            for k in TRAINED)), ref)
     return print_table(f"Ctrl-Adapter training, size {args.size} ({res} px), batch {args.train_batch}, {args.steps} "
-                       f"steps on {machine(args.device)}", ["loop", "steps / s", "ratio", mem, "ratio"], rows)
+                       f"steps on {machine(args.device)}", training_header(args.device), rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,18 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--train_batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--resolution", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # not "modules that should be kept in float32: []" once per cast
     if args._worker:
-        torch.manual_seed(0)
-        r = (worker_studio if args._worker in TRAINED else worker_controlnet)(args)
-        print("RESULT " + json.dumps(r), flush=True)
+        run_worker(args, worker_studio if args._worker in TRAINED else worker_controlnet)
         return
     if args.part in ("all", "unet"):
         bench_unet(args)

@@ -25,11 +25,8 @@ with a motion adapter of the same widths), `sd15` (SD1.5's UNet and AnimateDiff'
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_unet, machine, print_table, sync, unet_config  # noqa: E402
+from bench.common import (add_worker_args, build_unet, loop_result, machine, peak_memory, preset_file,  # noqa: E402
+                          print_table, run_training_workers, run_worker, sync, timed_steps, training_header,
+                          training_rows, unet_config)
 
 # motion modules per size: tiny = the preset's; mid / sd15 = AnimateDiff v1.5's layout at the UNet's widths
 MOTION = {
@@ -69,8 +68,6 @@ def video_unet(size: str, device: str, dtype: torch.dtype) -> Any:
 def video_preset(size: str, folder: Path) -> tuple[str, int]:
     """A video model preset for `size` (random weights, built from configs) and its image resolution."""
     import yaml
-
-    from bench.bench_ip_adapter import preset_file
 
     if size == "tiny":
         return "tiny-video", 64
@@ -180,14 +177,6 @@ def bench_flops(args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ part: train
-def _peak_memory(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _train_args(args: argparse.Namespace, out: Path) -> list[str]:
     mp = ["--mixed_precision", "fp16"] if args.device.startswith("cuda") else []
     return ["--model", args.preset, "--data_dir", str(Path(args.workdir) / "data"), "--output_dir", str(out),
@@ -204,7 +193,7 @@ def worker_studio(args: argparse.Namespace, motion: bool) -> dict[str, Any]:
     out = Path(args.workdir) / f"studio-run-{motion}"
     shutil.rmtree(out, ignore_errors=True)
     main(_train_args(args, out) + ["--train_motion_modules", str(motion).lower()])
-    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": _peak_memory(args.device)}
+    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": peak_memory(args.device)}
 
 
 def worker_bare(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,21 +207,14 @@ def worker_bare(args: argparse.Namespace) -> dict[str, Any]:
     model, trainable = task.build()
     model.to(dev)
     opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-2)
-    stamps, step = [], 0
-    while step < args.steps:
-        for batch in task.dataloader():
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-                loss = model({k: v.to(dev) for k, v in batch.items()})
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            sync(args.device)
-            stamps.append(time.time())
-            step += 1
-            if step >= args.steps:
-                break
-    rate = (len(stamps) - 2) / (stamps[-1] - stamps[1])  # skip the first (warm-up) step, as the loop helper does
-    return {"steps_per_s": rate, "peak_mib": _peak_memory(args.device)}
+    stamps: list[float] = []
+    for batch in timed_steps(task.dataloader, args.steps, args.device, stamps):
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+            loss = model({k: v.to(dev) for k, v in batch.items()})
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loop_result(stamps, args.device)
 
 
 def bench_train(args: argparse.Namespace) -> str:
@@ -244,27 +226,15 @@ def bench_train(args: argparse.Namespace) -> str:
         preset, res = video_preset(args.size, Path(tmp))
         span = (args.frames_train - 1) * 2 + 1
         write_demo_clips(Path(tmp) / "data", max(8, 2 * args.train_batch), size=res, frames=span)
-        results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-        for _ in range(args.train_rounds):
-            for name, kind in kinds.items():  # interleaved, each in a fresh process
-                cmd = [sys.executable, __file__, "--_worker", kind, "--device", args.device, "--size", args.size,
-                       "--workdir", tmp, "--preset", preset, "--resolution", str(res), "--train_batch",
-                       str(args.train_batch), "--steps", str(args.steps), "--frames_train", str(args.frames_train)]
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode:
-                    raise SystemExit(f"{kind} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-                results[name].append(json.loads(line[len("RESULT "):]))
+        # interleaved, each in a fresh process
+        runs = run_training_workers(__file__, list(kinds.values()) * args.train_rounds, args, tmp, preset, res,
+                                    extra=["--frames_train", str(args.frames_train)])
+    results = {name: runs.get(kind, []) for name, kind in kinds.items()}
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("steps_per_s", "peak_mib")} for k, v in results.items()}
-    base = med["bare loop (adapter only)"]
-    rows = [[name, r["steps_per_s"], r["steps_per_s"] / base["steps_per_s"], r["peak_mib"],
-             r["peak_mib"] / base["peak_mib"]] for name, r in med.items()]
-    mem = "peak CUDA MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    rows = training_rows(med.items(), med["bare loop (adapter only)"])
     return print_table(f"I2V-Adapter training, size {args.size} ({res} px, {args.frames_train} frames), batch "
                        f"{args.train_batch}, {args.steps} steps on {machine(args.device)}, medians of "
-                       f"{args.train_rounds} interleaved rounds",
-                       ["loop", "steps / s", "ratio", mem, "ratio"], rows)
+                       f"{args.train_rounds} interleaved rounds", training_header(args.device), rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,15 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames_train", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--train_rounds", type=int, default=3)
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--resolution", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args(argv)
     if args._worker:
-        torch.manual_seed(0)
-        r = worker_bare(args) if args._worker == "bare" else worker_studio(args, args._worker == "studio-motion")
-        print("RESULT " + json.dumps(r), flush=True)
+        run_worker(args, worker_bare if args._worker == "bare"
+                   else lambda a: worker_studio(a, a._worker == "studio-motion"))
         return
     if args.part in ("all", "unet"):
         bench_unet(args)

@@ -18,13 +18,9 @@ on CPU, `max_memory_allocated` on CUDA).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,48 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_unet, machine, print_table, time_fn, unet_config  # noqa: E402
-
-# image encoders per size: tiny = the preset's; mid = a small ViT/14; sd15 = ViT-H/14 (what IP-Adapter SD1.5 uses)
-IMAGE_ENCODERS = {
-    "mid": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224,
-                patch_size=14, projection_dim=256),
-    "sd15": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                 image_size=224, patch_size=14, projection_dim=1024),
-}
-TEXT_ENCODERS = {
-    "mid": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=256),
-    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, projection_dim=768),
-}
-VAES = {
-    "mid": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 128, 128],
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                layers_per_block=1, norm_num_groups=32, sample_size=256),
-    "sd15": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                 layers_per_block=2, norm_num_groups=32, sample_size=512),
-}
-
-
-def preset_file(size: str, folder: Path) -> tuple[str, int]:
-    """A model preset (random weights, built from configs) for `size` and its image resolution."""
-    import yaml
-
-    from adapter_studio.presets import load_preset
-
-    base = load_preset("tiny-sd15").config
-    if size == "tiny":
-        return "tiny-sd15", 64
-    unet = dict(unet_config(size))
-    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()}
-    cfg = {k: v for k, v in base.items() if k not in ("unet", "vae", "text_encoder", "image_encoder")}
-    cfg.update(name=f"bench-{size}", unet=unet, vae=VAES[size], text_encoder=TEXT_ENCODERS[size],
-               image_encoder=IMAGE_ENCODERS[size], resolution=unet["sample_size"] * 8)
-    path = folder / f"bench-{size}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path), unet["sample_size"] * 8
+from bench.common import (add_worker_args, build_unet, fastest, loop_result, machine, peak_memory,  # noqa: E402
+                          preset_file, print_table, run_training_workers, run_worker, time_fn, timed_steps,
+                          training_header, training_rows)
 
 
 # ------------------------------------------------------------------------------------------------ part: unet
@@ -179,14 +136,6 @@ def bench_unet(args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ part: train
-def _peak_memory(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _build_on_device(device: str) -> None:
     """Build the random-weight models on the device (seconds instead of minutes for SD1.5 + ViT-H on a CPU)."""
     import adapter_studio.presets as presets
@@ -212,7 +161,7 @@ def worker_studio(args: argparse.Namespace) -> dict[str, Any]:
           str(args.steps), "--checkpointing_steps", str(10**9), "--validation_steps", "0", "--report_to", "none",
           "--cache_image_embeds", "true", *mp, "--export_original", "false",
           "--lr_warmup_steps", "0", "--resume_from_checkpoint", "null"])
-    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": _peak_memory(args.device)}
+    return {"steps_per_s": steps_per_second(out / "logs" / "loss.jsonl"), "peak_mib": peak_memory(args.device)}
 
 
 def worker_reference(args: argparse.Namespace) -> dict[str, Any]:
@@ -246,33 +195,24 @@ def worker_reference(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SimpleNamespace(data_dir=str(Path(args.workdir) / "data"), data_json=None, caption_column="text")
     ds = IPAdapterDataset(load_records(cfg), pipe.tokenizer, pipe.feature_extractor, args.resolution)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.train_batch, shuffle=True, drop_last=True)
-    stamps = []
-    step = 0
-    while step < args.steps:
-        for batch in loader:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with torch.no_grad():
-                latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
-                noisy = sched.add_noise(latents, noise, t)
-                embeds = image_encoder(batch["clip_pixels"]).image_embeds
-                keep = torch.tensor([random.random() >= 0.05 for _ in range(len(embeds))], device=dev)
-                embeds = embeds * keep[:, None]
-                text = text_encoder(batch["input_ids"])[0]
-            pred = unet(noisy, t, text, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.time())
-            step += 1
-            if step >= args.steps:
-                break
-    rate = (len(stamps) - 2) / (stamps[-1] - stamps[1])  # skip the first (warm-up) step, as the loop helper does
-    return {"steps_per_s": rate, "peak_mib": _peak_memory(args.device)}
+    stamps: list[float] = []
+    for batch in timed_steps(lambda: loader, args.steps, args.device, stamps):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
+            noisy = sched.add_noise(latents, noise, t)
+            embeds = image_encoder(batch["clip_pixels"]).image_embeds
+            keep = torch.tensor([random.random() >= 0.05 for _ in range(len(embeds))], device=dev)
+            embeds = embeds * keep[:, None]
+            text = text_encoder(batch["input_ids"])[0]
+        pred = unet(noisy, t, text, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loop_result(stamps, args.device)
 
 
 def bench_train(args: argparse.Namespace) -> str:
@@ -281,31 +221,14 @@ def bench_train(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         preset, res = preset_file(args.size, Path(tmp))
         write_demo_data(Path(tmp) / "data", max(16, 2 * args.train_batch), size=res)
-        results = {}
-        for kind in ("reference", "studio", "reference", "studio") if args.rounds > 1 else ("reference", "studio"):
-            cmd = [sys.executable, __file__, "--_worker", kind, "--device", args.device, "--size", args.size,
-                   "--workdir", tmp, "--preset", preset, "--resolution", str(res), "--train_batch",
-                   str(args.train_batch), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode:
-                raise SystemExit(f"{kind} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            res_line = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1]
-            r = json.loads(res_line[len("RESULT "):])
-            best = results.get(kind)
-            results[kind] = r if best is None or r["steps_per_s"] > best["steps_per_s"] else best
-            for p in Path(tmp).glob("studio-run"):
-                import shutil
-
-                shutil.rmtree(p)
+        kinds = ("reference", "studio") * (2 if args.rounds > 1 else 1)
+        results = fastest(run_training_workers(__file__, kinds, args, tmp, preset, res))
     ref = results["reference"]
-    rows = [[name, r["steps_per_s"], r["steps_per_s"] / ref["steps_per_s"], r["peak_mib"], r["peak_mib"] / ref["peak_mib"]]
-            for name, r in (("reference-style loop (fp32, no cache)", ref),
-                            ("train/ip_adapter.py (cache" + (", fp16 frozen + autocast)" if args.device.startswith("cuda")
-                                                            else ")"), results["studio"]))]
-    mem = "peak CUDA MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    rows = training_rows((("reference-style loop (fp32, no cache)", ref),
+                          ("train/ip_adapter.py (cache" + (", fp16 frozen + autocast)" if args.device.startswith("cuda")
+                                                          else ")"), results["studio"])), ref)
     return print_table(f"IP-Adapter training, size {args.size} ({res} px), batch {args.train_batch}, "
-                       f"{args.steps} steps on {machine(args.device)}",
-                       ["loop", "steps / s", "ratio", mem, "ratio"], rows)
+                       f"{args.steps} steps on {machine(args.device)}", training_header(args.device), rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,17 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--train_batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--resolution", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args(argv)
     if args._worker:
-        torch.manual_seed(0)
         if args.device.startswith("cuda"):
             _build_on_device(args.device)
-        r = (worker_studio if args._worker == "studio" else worker_reference)(args)
-        print("RESULT " + json.dumps(r), flush=True)
+        run_worker(args, worker_studio if args._worker == "studio" else worker_reference)
         return
     if args.part in ("all", "unet"):
         bench_unet(args)

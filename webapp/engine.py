@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import torch
 
-from adapter_studio.adapter import ResidualAdapter
 from adapter_studio.errors import MixError, StudioError
 from adapter_studio.mix import VIDEO_DEFAULTS, Mix, UnitSpec, apply_mix
 from adapter_studio.presets import load_preset
@@ -68,8 +67,8 @@ def compile_key(mix: Mix, sp: Any) -> tuple:
     its family, its adapter's size (tensors and parameters: another weights file may be bigger), whether it has a
     per-sample mask, and per input field the shape it gives — the number of images of an images field, whether an
     image field is set, the value of a choice / text / JSON field (IP's "combine" may change the token count);
-    numbers (scales, AGD's w) are values and left out. A residual adapter (Ctrl-Adapter) adds its window: its
-    residuals enter the graph only inside it. Per call: the images, whether CFG doubles the UNet's batch, the
+    numbers (scales, AGD's w) and windows are values and left out (a residual adapter out of its window hands the
+    compiled UNet zero residuals: the same graph). Per call: the images, whether CFG doubles the UNet's batch, the
     guidance mode, height, width, frames, and whether the sampler's timesteps are floats (Euler's) or integers.
     """
     s = mix.sampling
@@ -88,8 +87,7 @@ def compile_key(mix: Mix, sp: Any) -> tuple:
                 fields.append(v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
         params = list(slot.adapter.parameters())
         size = (len(params), sum(p.numel() for p in params))
-        window = (float(unit.start), float(unit.end)) if isinstance(slot.adapter, ResidualAdapter) else None
-        units.append((unit.family, size, unit.sample_mask is not None, tuple(fields), window))
+        units.append((unit.family, size, unit.sample_mask is not None, tuple(fields)))
     cfg = s.guidance == "cfg" and float(s.guidance_scale) > 1.0
     return (tuple(units), s.num_images, cfg, s.guidance, s.height, s.width, s.num_frames,
             _float_timesteps(sp.pipe.scheduler, s.steps))

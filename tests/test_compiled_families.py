@@ -111,6 +111,15 @@ def _check_changes(stack, data, t, changes, backend):
     return prev
 
 
+def _each_acts_next_to_the_other(stack, data, t, both, names):
+    """Switching either adapter off (on the eager path: no recompilation) moves the output of the two together."""
+    with eager_path(stack):
+        for name in names:
+            stack[name].enabled = False
+            assert (_run(stack.unet, data, t) - both).abs().max() > 1e-2, f"{name} acts next to the other"
+            stack[name].enabled = True
+
+
 # ------------------------------------------------------------------------------------------------- Ctrl-Adapter
 def test_ctrl_adapter_compiled_equals_eager_and_values_window_and_scale_do_not_recompile(sd15):
     unet, ctrl, _, data = sd15
@@ -171,11 +180,7 @@ def test_ctrl_adapter_and_ip_adapter_together_compiled_equals_eager(sd15):
             ("ctrl scale", lambda: setattr(stack["ctrl"], "scale", 0.6)),
             ("control image", lambda: stack["ctrl"].inputs.update(image=_img(3))),
         ], backend)
-        with eager_path(stack):  # each acts next to the other (switched off on the eager path: no recompilation)
-            for name in ("ctrl", "ip"):
-                stack[name].enabled = False
-                assert (_run(unet, data, t) - both).abs().max() > 1e-2, f"{name} acts next to the other"
-                stack[name].enabled = True
+        _each_acts_next_to_the_other(stack, data, t, both, ("ctrl", "ip"))
         assert backend.graphs == 1
     finally:
         stack.detach()
@@ -222,11 +227,7 @@ def test_i2v_adapter_and_agd_together_compiled_equals_eager(video):
             ("first frame", lambda: i2v_slot.inputs.update(image_latents=data["first"][1:])),
             ("i2v scale", lambda: setattr(i2v_slot, "scale", 0.5)),
         ], backend)
-        with eager_path(stack):
-            for name in ("i2v", "agd"):
-                stack[name].enabled = False
-                assert (_run(unet, data, t) - both).abs().max() > 1e-2, f"{name} acts next to the other"
-                stack[name].enabled = True
+        _each_acts_next_to_the_other(stack, data, t, both, ("i2v", "agd"))
         assert backend.graphs == 1
     finally:
         stack.detach()

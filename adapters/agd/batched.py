@@ -64,7 +64,6 @@ class StackedBlocks:
         self.b_kv = None if bk is None else torch.cat([bk, bv], dim=1)
         self.pe = first.pos_enc.pe  # [max_len, H], the same table in every block (a function of max_len, H)
         self.dtype = self.w_kv.dtype
-        self.hidden = self.w_kv.shape[1] // 2
         self._t_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property

@@ -251,7 +251,7 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
             if kv_t is None:
                 kv_t = ctx.cache[self._t_cache_key] = timestep_keys_values(state.t_weight, ctx.time_embedding(),
                                                                            len(self.blocks))
-            kv = torch.cat([kv[:, :1], kv_t[:, i, None].to(kv.dtype), kv[:, 2:]], dim=1)
+            kv = torch.cat([kv[:, :1], kv_t[:, i, None], kv[:, 2:]], dim=1)
         kv = ctx.expand(kv, n)
         h = kv.shape[-1] // 2
         keys, values = kv[..., :h], kv[..., h:]

@@ -114,6 +114,8 @@ class AdapterStack:
         self._sampling_depth = 0
         self._plain_call = False  # slots hold inputs a plain diffusers call encoded
         self._original: dict[str, Any] | None = None
+        #: (processor name, attention module, the composing processor installed on it), in `attn_processors` order
+        self._layers: list[tuple[str, nn.Module, ComposingAttnProcessor]] = []
         self._hook: Any = None
         self._by_layer: dict[str, list[Slot]] = {}
         self._timesteps_cache: tuple[Any, torch.Tensor | None] = (None, None)
@@ -134,6 +136,9 @@ class AdapterStack:
             slot.adapter.check_compatible(unet)
         self._original = dict(procs)
         unet.set_attn_processor({k: ComposingAttnProcessor(v, k, self) for k, v in procs.items()})
+        self._layers = [(name + ".processor", m, m.processor) for name, m in unet.named_modules()
+                        if hasattr(m, "set_processor") and isinstance(getattr(m, "processor", None),
+                                                                        ComposingAttnProcessor)]
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.unet = unet
         self._reindex()
@@ -144,8 +149,34 @@ class AdapterStack:
             return
         self.uncompile()
         self._hook.remove()
+        self.sync_processors()  # what was set on the UNet since attach is what it gets back
         self.unet.set_attn_processor(self._original)
-        self.unet, self._original, self._hook, self.context = None, None, None, None
+        self.unet, self._original, self._hook, self.context, self._layers = None, None, None, None, []
+
+    def sync_processors(self) -> None:
+        """Keep the stack in every attention layer when the UNet's processors were set after `attach`.
+
+        diffusers' `fuse_qkv_projections()`, `enable_xformers_memory_efficient_attention()`,
+        `set_default_attn_processor()` or `set_attn_processor(...)` on an attached UNet replace the composing
+        processors, which would silently drop every adapter. The processor found there becomes the new `base` of a
+        composing processor (and what `detach` restores); one of this stack's own put back (diffusers'
+        `unfuse_qkv_projections()` restores the processors it saved, ours) is taken as it is. Run by the forward
+        pre-hook (32 identity checks for SD1.5); call it directly to apply a change before the next forward.
+        """
+        for i, (name, attn, mine) in enumerate(self._layers):
+            found = attn.processor
+            if found is mine:
+                continue
+            if isinstance(found, ComposingAttnProcessor):
+                if found.stack is not self:
+                    raise StudioError(f"layer {name} carries another adapter stack's processor; detach this stack "
+                                      "before attaching another one to the UNet")
+                mine = found
+            else:
+                mine = ComposingAttnProcessor(found, name, self)
+                attn.set_processor(mine)
+            self._layers[i] = (name, attn, mine)
+            self._original[name] = mine.base
 
     # ---- compiled mode
     def compile(self, backend: Any = "inductor", mode: str | None = "auto", fullgraph: bool = True,
@@ -379,6 +410,7 @@ class AdapterStack:
         if not self.slots:
             self.context = None
             return args, kwargs
+        self.sync_processors()
         # one view of the call whether diffusers passed sample / timestep / text tokens positionally or by name
         names = ("sample", "timestep", "encoder_hidden_states")
         kwargs = {**dict(zip(names, args)), **kwargs}

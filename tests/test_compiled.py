@@ -238,3 +238,23 @@ def test_compiled_steps_of_a_call_do_not_wait_for_the_device(parts, monkeypatch)
         for slot in stack:
             slot.call_inputs = None
         stack.detach()
+
+
+def test_fused_qkv_projections_keep_the_adapters_compiled(parts):
+    """diffusers' `fuse_qkv_projections()` (a lever for compiled SD) on a compiled, attached UNet: adapters stay."""
+    pipe, ip, agd, data = parts
+    stack = _stack(pipe, ip, agd, ("ip", "agd"), data)
+    x, text = data["x"][:2], data["text"][:2]
+    try:
+        ref = _run(pipe.unet, x, text)
+        backend = CountingBackend()
+        stack.compile(backend=backend)
+        torch.testing.assert_close(_run(pipe.unet, x, text), ref, rtol=0, atol=1e-5)
+        pipe.unet.fuse_qkv_projections()
+        torch.testing.assert_close(_run(pipe.unet, x, text), ref, rtol=0, atol=1e-5)
+        assert backend.graphs == 2, "the fused processors are a new graph"
+        pipe.unet.unfuse_qkv_projections()
+        torch.testing.assert_close(_run(pipe.unet, x, text), ref, rtol=0, atol=1e-5)
+        assert backend.graphs == 2, "back to the first graph"
+    finally:
+        stack.detach()

@@ -204,3 +204,40 @@ def test_stack_on_sdxl_and_video_unets():
     assert ad.prepared[-1].num_frames == 3
     stack["dummy0"].scale = 0.0
     assert torch.equal(_run(video, vin), vref)
+
+
+def test_processors_set_after_attach_keep_the_adapters(sd15_pipe, unet_inputs):
+    """diffusers' fuse_qkv_projections / set_attn_processor on an attached UNet used to drop every adapter silently."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    unet = sd15_pipe.unet
+    bare = _run(unet, unet_inputs)
+    stack = AdapterStack().attach(unet)
+    stack.add(LinearAttnAdapter(unet, target="attn1"), name="self")
+    stack.add(LinearAttnAdapter(unet, target="attn2", seed=2), name="cross")
+    with_adapters = _run(unet, unet_inputs)
+    assert (with_adapters - bare).abs().max() > 1e-2
+
+    unet.fuse_qkv_projections()
+    fused = _run(unet, unet_inputs)
+    procs = unet.attn_processors
+    assert all(isinstance(p, ComposingAttnProcessor) and isinstance(p.base, FusedAttnProcessor2_0)
+               for p in procs.values())
+    torch.testing.assert_close(fused, with_adapters, rtol=0, atol=1e-5)
+
+    unet.unfuse_qkv_projections()  # puts back the processors it saved: the stack's own, with their SDPA bases
+    torch.testing.assert_close(_run(unet, unet_inputs), with_adapters, rtol=0, atol=1e-5)
+    assert all(type(p.base) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+    unet.set_attn_processor(AttnProcessor())
+    torch.testing.assert_close(_run(unet, unet_inputs), with_adapters, rtol=0, atol=1e-5)
+    stack.detach()
+    assert all(type(p) is AttnProcessor for p in unet.attn_processors.values()), "detach gives back what was set last"
+    torch.testing.assert_close(_run(unet, unet_inputs), bare, rtol=0, atol=1e-5)
+
+    stack.attach(unet)
+    stack.add(LinearAttnAdapter(unet))
+    name = next(iter(unet.attn_processors))
+    unet.set_attn_processor({**unet.attn_processors, name: ComposingAttnProcessor(AttnProcessor(), name, AdapterStack())})
+    with pytest.raises(StudioError, match="another adapter stack"):
+        _run(unet, unet_inputs)

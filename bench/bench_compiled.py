@@ -10,21 +10,37 @@ of 4 (4 different mixes: none, IP, AGD, IP+AGD with per-sample references and w)
 for all). Every compiled output is checked against eager (max abs difference printed). Each configuration's inputs
 are encoded once as a sampling call does (`begin_call`), so the steps timed are a call's steps after its first; steps
 run back to back with one wait for the GPU per round, as in a sampling loop.
+
+Levers (diffusers' recipe for a compiled SD UNet) are configurations too: `bare:2@fused+cl` is the bare batch-2 step
+with them on, compiled apart (its own graph) and compared with the plain `bare:2` of the same run:
+  fused     QKV / KV projections fused (diffusers' `unet.fuse_qkv_projections()`; the stack keeps its adapters)
+  cl        the UNet in channels_last memory format
+  tuned     inductor flags of diffusers' "accelerate inference" guide (conv 1x1 as matmul, coordinate descent
+            tuning, no epilogue fusion)
+  autotune  mode "max-autotune" (CUDA graphs and autotuned matmul / conv templates; minutes more per graph)
+The bare batch-1 step (`bare:1`) against the CFG step gives the floor of AGD / CFG at B=1: AGD is one UNet pass of
+batch 1 plus the adapter, so it cannot be faster than the bare UNet at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_unet, machine, print_table, time_fn  # noqa: E402
+
+LEVERS = ("fused", "cl", "tuned", "autotune")
+TUNED_INDUCTOR = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
+                      coordinate_descent_check_all_directions=True)
 from adapter_studio.adapters.agd import AGDAdapter  # noqa: E402
 from adapter_studio.adapters.ip_adapter import IPAdapter  # noqa: E402
 from adapter_studio.context import CallInfo  # noqa: E402
@@ -44,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="stop compiling further configurations once this many seconds have passed (a GPU lease is "
                          "short: the configurations run in order of importance and the tables mark what was skipped)")
     ap.add_argument("--configs", default=None,
-                    help="which configurations to run, in this order, e.g. 'bare:2,ip+agd:2' (default: all, in order "
-                         "of importance); ratios whose parts are missing say so")
+                    help="which configurations to run, in this order, e.g. 'bare:2,ip+agd:2,bare:2@fused+cl' "
+                         "(default: all without levers, in order of importance); ratios whose parts are missing say "
+                         f"so; levers after '@', joined by '+': {', '.join(LEVERS)}")
     ap.add_argument("--json", default=None, help="also write every number here (rewritten after each configuration)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
@@ -105,18 +122,25 @@ def main(argv: list[str] | None = None) -> None:
 
     B = args.big_batch
     # in order of importance: a short GPU lease compiles as many as its budget allows, the first ones first
-    configs = [("bare", 2), ("agd", 1), ("ip", 2), ("ip+agd", 2), ("agd", 2), ("hetero", 4), ("uniform", 4),
-               ("agd", B), ("bare", maxb)]
+    configs = [("bare", 2, ""), ("agd", 1, ""), ("bare", 1, ""), ("ip", 2, ""), ("ip+agd", 2, ""), ("agd", 2, ""),
+               ("hetero", 4, ""), ("uniform", 4, ""), ("agd", B, ""), ("bare", maxb, "")]
     if args.configs:
-        configs = [(k, int(b)) for k, b in (c.split(":") for c in args.configs.split(","))]
+        configs = [parse_config(c) for c in args.configs.split(",")]
     step_flops = count_flops(step_fn(2))  # the bare UNet's CFG step (batch 2)
     eager: dict[tuple, float] = {}
     refs: dict[tuple, torch.Tensor] = {}
-    for kind, b in configs:
+    for kind, b, lever in configs:
+        key = (kind, b, lever)
+        if lever:  # levers change the compiled code, not the eager one: compared with the plain configuration's
+            continue
         setup(kind, b)
         step = step_fn(b)
-        refs[(kind, b)] = step()
-        eager[(kind, b)] = time_fn(step, dev, warmup=1, iters=args.iters, back_to_back=True)
+        refs[key] = step()
+        eager[key] = time_fn(step, dev, warmup=1, iters=args.iters, back_to_back=True)
+    for kind, b, lever in configs:
+        if lever and (kind, b, "") not in refs:
+            setup(kind, b)
+            refs[(kind, b, "")] = step_fn(b)()
     stack.compile(backend=args.backend, mode=args.mode)
     comp: dict[tuple, float] = {}
     first: dict[tuple, float] = {}
@@ -128,61 +152,108 @@ def main(argv: list[str] | None = None) -> None:
 
     def dump() -> None:
         if args.json:
-            key = lambda k: f"{k[0]} b{k[1]}"  # noqa: E731
+            tables = dict(eager_s=eager, compiled_s=comp, first_call_s=first, max_abs_diff=diff,
+                          cudagraph_skips=skips, pre_hook_s=hook)
             Path(args.json).write_text(json.dumps(dict(
-                title=title, step_flops=step_flops, eager_s={key(k): v for k, v in eager.items()},
-                compiled_s={key(k): v for k, v in comp.items()}, first_call_s={key(k): v for k, v in first.items()},
-                max_abs_diff={key(k): v for k, v in diff.items()}, cudagraph_skips={key(k): v for k, v in skips.items()},
-                pre_hook_s={key(k): v for k, v in hook.items()},
-            ), indent=1))
+                title=title, step_flops=step_flops,
+                **{name: {label(k): v for k, v in table.items()} for name, table in tables.items()}), indent=1))
 
-    for kind, b in configs:
+    for kind, b, lever in configs:
+        key = (kind, b, lever)
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: {kind} batch {b} not compiled", flush=True)
+            print(f"budget of {args.budget_s:.0f} s spent: {label(key)} not compiled", flush=True)
             continue
         setup(kind, b)
         step = step_fn(b)
-        skipped_before = cudagraph_skips()
-        t0 = time.perf_counter()
-        out = step()
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        first[(kind, b)] = time.perf_counter() - t0
-        diff[(kind, b)] = float((out.float() - refs[(kind, b)].float()).abs().max())
-        comp[(kind, b)] = time_fn(step, dev, warmup=2, iters=args.iters, back_to_back=True)
-        skips[(kind, b)] = cudagraph_skips() - skipped_before
-        hook[(kind, b)] = time_fn(hook_fn(b), dev, warmup=2, iters=args.iters)
-        print(f"{kind} batch {b}: eager {eager[(kind, b)] * 1e3:.4g} ms, compiled {comp[(kind, b)] * 1e3:.4g} ms "
-              f"(of which the eager pre-hook {hook[(kind, b)] * 1e3:.3g} ms), first call {first[(kind, b)]:.4g} s, "
-              f"max abs diff {diff[(kind, b)]:.3g}, CUDA-graph skips {skips[(kind, b)]}", flush=True)
+        with levers_on(lever, stack, args):
+            skipped_before = cudagraph_skips()
+            t0 = time.perf_counter()
+            out = step()
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            first[key] = time.perf_counter() - t0
+            diff[key] = float((out.float() - refs[(kind, b, "")].float()).abs().max())
+            comp[key] = time_fn(step, dev, warmup=2, iters=args.iters, back_to_back=True)
+            skips[key] = cudagraph_skips() - skipped_before
+            hook[key] = time_fn(hook_fn(b), dev, warmup=2, iters=args.iters)
+        print(f"{label(key)}: eager {eager[key] * 1e3:.4g} ms, " if key in eager else f"{label(key)}: ", end="")
+        print(f"compiled {comp[key] * 1e3:.4g} ms (of which the eager pre-hook {hook[key] * 1e3:.3g} ms), first "
+              f"call {first[key]:.4g} s, max abs diff {diff[key]:.3g}, CUDA-graph skips {skips[key]}", flush=True)
         dump()
 
-    def ratio(label: str, num: tuple, den: tuple, den_table: dict[tuple, float]) -> list:
+    def ratio(text: str, num: tuple, den: tuple, den_table: dict[tuple, float]) -> list:
         if num not in comp or den not in den_table:
-            return [label, "not measured (budget)", "not measured (budget)"]
-        return [label, comp[num] * 1e3, comp[num] / den_table[den]]
+            return [text, "not measured", "not measured"]
+        return [text, comp[num] * 1e3, comp[num] / den_table[den]]
 
     rows = [
-        ratio("bare UNet, batch 2: compiled / eager", ("bare", 2), ("bare", 2), eager),
-        ratio("IP, batch 2: compiled / compiled bare", ("ip", 2), ("bare", 2), comp),
-        ratio("AGD, batch 2: compiled / compiled bare", ("agd", 2), ("bare", 2), comp),
-        ratio("IP+AGD, batch 2: compiled / compiled bare", ("ip+agd", 2), ("bare", 2), comp),
-        ratio("sampling step B=1: AGD (batch 1) / CFG (bare batch 2)", ("agd", 1), ("bare", 2), comp),
-        ratio(f"sampling step B={B}: AGD (batch {B}) / CFG (bare batch {2 * B})", ("agd", B), ("bare", 2 * B), comp),
-        ratio("batch 4: heterogeneous (4 mixes) / uniform (IP+AGD)", ("hetero", 4), ("uniform", 4), comp),
+        ratio("bare UNet, batch 2: compiled / eager", ("bare", 2, ""), ("bare", 2, ""), eager),
+        ratio("IP, batch 2: compiled / compiled bare", ("ip", 2, ""), ("bare", 2, ""), comp),
+        ratio("AGD, batch 2: compiled / compiled bare", ("agd", 2, ""), ("bare", 2, ""), comp),
+        ratio("IP+AGD, batch 2: compiled / compiled bare", ("ip+agd", 2, ""), ("bare", 2, ""), comp),
+        ratio("sampling step B=1: AGD (batch 1) / CFG (bare batch 2)", ("agd", 1, ""), ("bare", 2, ""), comp),
+        ratio("the floor of that: bare UNet batch 1 / batch 2", ("bare", 1, ""), ("bare", 2, ""), comp),
+        ratio(f"sampling step B={B}: AGD (batch {B}) / CFG (bare batch {2 * B})", ("agd", B, ""),
+              ("bare", 2 * B, ""), comp),
+        ratio("batch 4: heterogeneous (4 mixes) / uniform (IP+AGD)", ("hetero", 4, ""), ("uniform", 4, ""), comp),
     ]
+    rows += [ratio(f"{label(k)}: with levers / without", k, (k[0], k[1], ""), comp) for k in configs if k[2]]
     print_table(title, ["ratio", "ms / step (numerator)", "ratio"], rows)
-    if ("bare", 2) in comp:
+    if ("bare", 2, "") in comp:
         print(f"bare CFG step (batch 2): {step_flops / 1e12:.3g} TFLOP (FlopCounterMode); eager "
-              f"{step_flops / eager[('bare', 2)] / 1e12:.3g} TFLOP/s, compiled {step_flops / comp[('bare', 2)] / 1e12:.3g}"
-              " TFLOP/s", flush=True)
+              f"{step_flops / eager[('bare', 2, '')] / 1e12:.3g} TFLOP/s, compiled "
+              f"{step_flops / comp[('bare', 2, '')] / 1e12:.3g} TFLOP/s", flush=True)
     print_table("per configuration", ["configuration", "batch", "eager ms", "compiled ms", "compiled / eager",
                                       "pre-hook ms", "first call (compile) s", "max abs diff vs eager",
                                       "CUDA-graph skips"],
-                [[k, b, eager[(k, b)] * 1e3, comp[(k, b)] * 1e3, comp[(k, b)] / eager[(k, b)], hook[(k, b)] * 1e3,
-                  first[(k, b)], diff[(k, b)], skips[(k, b)]] if (k, b) in comp else
-                 [k, b, eager[(k, b)] * 1e3, "skipped", "", "", "", "", ""] for k, b in configs])
+                [[k[0] + (f" @{k[2]}" if k[2] else ""), k[1],
+                  eager[k] * 1e3 if k in eager else "-", comp[k] * 1e3 if k in comp else "skipped",
+                  comp[k] / eager[k] if k in comp and k in eager else "-", hook[k] * 1e3 if k in comp else "",
+                  first[k] if k in comp else "", diff[k] if k in comp else "", skips[k] if k in comp else ""]
+                 for k in configs])
     dump()
+
+
+def parse_config(text: str) -> tuple[str, int, str]:
+    """'kind:batch[@lever+lever]' -> (kind, batch, 'lever+lever') with the levers in a fixed order."""
+    head, _, levers = text.partition("@")
+    kind, _, b = head.partition(":")
+    names = [x for x in levers.split("+") if x]
+    unknown = set(names) - set(LEVERS)
+    if unknown or not b.isdigit():
+        raise SystemExit(f"configuration {text!r}: expected kind:batch[@lever+...] with levers from {LEVERS}")
+    return kind, int(b), "+".join(x for x in LEVERS if x in names)
+
+
+def label(key: tuple[str, int, str]) -> str:
+    kind, b, lever = key
+    return f"{kind} b{b}" + (f" @{lever}" if lever else "")
+
+
+@contextlib.contextmanager
+def levers_on(lever: str, stack: AdapterStack, args: argparse.Namespace) -> Iterator[None]:
+    """The UNet with `lever`'s changes (see the module docstring) and the stack compiled again for them; all undone
+    after. With no lever: nothing changes."""
+    if not lever:
+        yield
+        return
+    names = lever.split("+")
+    unet = stack.unet
+    torch._dynamo.reset()  # dynamo's cache does not guard on inductor's flags: a graph compiled without them is new
+    with contextlib.ExitStack() as undo:
+        if "tuned" in names:
+            undo.enter_context(torch._inductor.config.patch(**TUNED_INDUCTOR))
+        if "fused" in names:
+            unet.fuse_qkv_projections()
+            stack.sync_processors()
+            undo.callback(unet.unfuse_qkv_projections)
+        if "cl" in names:
+            unet.to(memory_format=torch.channels_last)
+            undo.callback(lambda: unet.to(memory_format=torch.contiguous_format))
+        stack.compile(backend=args.backend, mode="max-autotune" if "autotune" in names else args.mode)
+        undo.callback(lambda: stack.compile(backend=args.backend, mode=args.mode))
+        undo.callback(torch._dynamo.reset)
+        yield
 
 
 def count_flops(step) -> float:

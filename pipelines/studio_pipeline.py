@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -168,12 +170,13 @@ class StudioPipeline:
                     slot.sample_mask = extra.pop("sample_mask")
                 if slot.enabled:
                     slot.call_inputs = slot.adapter.begin_call({**slot.inputs, **extra}, call)
-            if kwargs.get("latents") is None:
-                latents = self._initial_latents(call)
-                if latents is not None:
-                    kwargs["latents"] = latents
-            with self.stack.sampling(self.pipe.scheduler, cfg=cfg):
-                return self.pipe(prompt=prompt, guidance_scale=guidance_scale if cfg else 1.0, **kwargs)
+            with _timesteps_on_host(self.pipe.scheduler):
+                if kwargs.get("latents") is None:
+                    latents = self._initial_latents(call)
+                    if latents is not None:
+                        kwargs["latents"] = latents
+                with self.stack.sampling(self.pipe.scheduler, cfg=cfg):
+                    return self.pipe(prompt=prompt, guidance_scale=guidance_scale if cfg else 1.0, **kwargs)
         finally:
             for slot in self.stack:
                 slot.call_inputs = None
@@ -214,6 +217,32 @@ class StudioPipeline:
             return callback_kwargs
 
         return on_step_end
+
+
+@contextlib.contextmanager
+def _timesteps_on_host(scheduler: Any) -> Iterator[None]:
+    """Within the block, `scheduler.set_timesteps(..., device=...)` keeps the timesteps on the host.
+
+    diffusers' pipelines put them on the UNet's device, and DDIM's and PNDM's `step` then index their host tables
+    with that step's device timestep, which waits for the GPU every step: the CPU cannot queue the next step while
+    the last one runs. On the host nothing waits; the stack's pre-hook hands the UNet each step's timestep from one
+    copy made per call (`AdapterStack._timestep_on_device`). The values, and so the images, are the same.
+    """
+    set_timesteps = scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)  # pipelines read its signature (does it take `timesteps=` / `sigmas=`?)
+    def on_host(*args: Any, device: Any = None, **kwargs: Any) -> Any:
+        return set_timesteps(*args, device="cpu", **kwargs)
+
+    own = scheduler.__dict__.get("set_timesteps")  # already patched by a call further out: put that back
+    scheduler.set_timesteps = on_host
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.set_timesteps
+        else:
+            scheduler.set_timesteps = own
 
 
 def _repeat_prompts(prompt: str | list[str] | None, kwargs: dict[str, Any],

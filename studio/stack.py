@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .adapter import AttentionAdapter, ResidualAdapter, StudioAdapter
 from .block_scale import Scale, check_scale_fits, layer_scale, residual_scales, validate_scale
-from .context import CallInfo, ForwardContext, UNetCall
+from .context import CallInfo, ForwardContext, UNetCall, host_to_device
 from .errors import StudioError
 from .processor import ComposingAttnProcessor
 
@@ -43,7 +44,7 @@ class Slot:
     state: Any = None
     _gate: torch.Tensor | None = None  # [N] on the CPU, this forward's scale-free gate
     _gate_uniform: float | None = None  # set when every sample has the same gate: one scalar add per layer
-    _gate_on_device: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _gate_on_device: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per value, kept across forwards
     _layer_scales: dict[str, float] = field(default_factory=dict)
     # compiled mode: `[layers of the adapter, N]` gate x per-layer scale on the UNet's device, set every forward
     _static_gates: torch.Tensor | None = None
@@ -85,11 +86,14 @@ class Slot:
         return self._gate * s
 
     def gate_tensor(self, gate: torch.Tensor, like: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """A per-sample gate as `[n, 1, ...]` on `like`'s device and dtype, copied there once per forward."""
+        """A per-sample gate as `[n, 1, ...]` on `like`'s device and dtype, copied there once per value: a copy
+        from the host waits for the device's queue, so the steps of a call reuse it."""
         key = (tuple(gate.tolist()), like.shape[0], like.device, like.dtype, like.ndim)
         out = self._gate_on_device.get(key)
         if out is None:
-            out = ctx.expand(gate, like.shape[0]).to(device=like.device, dtype=like.dtype)
+            if len(self._gate_on_device) > 64:
+                self._gate_on_device.clear()
+            out = host_to_device(ctx.expand(gate, like.shape[0]), like.device, like.dtype)
             out = self._gate_on_device[key] = out.view(-1, *([1] * (like.ndim - 1)))
         return out
 
@@ -117,6 +121,8 @@ class AdapterStack:
         #: (processor name, attention module, the composing processor installed on it), in `attn_processors` order
         self._layers: list[tuple[str, nn.Module, ComposingAttnProcessor]] = []
         self._hook: Any = None
+        #: a sampling call's host timesteps (the scheduler's tensor, device, {value: that step's copy on the device})
+        self._device_timesteps: tuple[torch.Tensor, torch.device, dict[float, torch.Tensor]] | None = None
         self._by_layer: dict[str, list[Slot]] = {}
         self._timesteps_cache: tuple[Any, torch.Tensor | None] = (None, None)
         #: compiled mode (`compile()`): every enabled attention adapter runs at every layer it covers, multiplied by
@@ -244,14 +250,14 @@ class AdapterStack:
             gate = slot._gate if slot._gate is not None else torch.zeros(n, dtype=torch.float32)
             names = slot.adapter.layer_names()
             scales = tuple(float(layer_scale(slot.scale, layer)) for layer in names)
-            # kept on the device per value: a copy from pageable CPU memory waits for the GPU's queue to drain
+            # kept on the device per value (a call's steps reuse them), copied without waiting for the device
             key = (tuple(gate.tolist()), scales, device, dtype)
             gates = slot._static_gate_cache.get(key)
             if gates is None:
                 if len(slot._static_gate_cache) > 32:
                     slot._static_gate_cache.clear()
                 gates = torch.tensor(scales, dtype=torch.float32)[:, None] * gate[None, :]
-                gates = slot._static_gate_cache[key] = gates.to(device=device, dtype=dtype)
+                gates = slot._static_gate_cache[key] = host_to_device(gates, device, dtype)
             slot._static_gates = gates
             for i, layer in enumerate(names):
                 layers.setdefault(layer, []).append((slot, i))
@@ -406,16 +412,37 @@ class AdapterStack:
                 latents = pinned
         return latents
 
+    def _timestep_on_device(self, timestep: Any, device: torch.device) -> Any:
+        """The UNet's timestep on the latents' `device` when a sampling call keeps its scheduler's timesteps on the
+        host (`StudioPipeline` does, so that DDIM's and PNDM's steps read no value back from the GPU). The call's
+        timesteps are copied to the device once; each step then takes its own copy (no transfer, no wait)."""
+        if (not isinstance(timestep, torch.Tensor) or timestep.device.type != "cpu" or device.type == "cpu"
+                or timestep.numel() != 1):
+            return timestep
+        ts = getattr(self._scheduler, "timesteps", None)
+        if ts is None or ts.device.type != "cpu":
+            return timestep
+        cache = self._device_timesteps
+        if cache is None or cache[0] is not ts or cache[1] != device:
+            on_device = ts.to(device)
+            steps = {v: on_device[i].clone() for i, v in enumerate(ts.tolist())}
+            cache = self._device_timesteps = (ts, device, steps)
+        return cache[2].get(timestep.item(), timestep)
+
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # one view of the call whether diffusers passed sample / timestep / text tokens positionally or by name
+        names = ("sample", "timestep", "encoder_hidden_states")
+        if len(args) > len(names):  # more given positionally (class labels, ...): name them all, in forward's order
+            names = tuple(inspect.signature(type(module).forward).parameters)[1:]
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        args = args[len(names):]
+        sample, timestep = kwargs["sample"], kwargs["timestep"]
+        host_t = timestep if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" else None
+        kwargs["timestep"] = timestep = self._timestep_on_device(timestep, sample.device)
         if not self.slots:
             self.context = None
             return args, kwargs
         self.sync_processors()
-        # one view of the call whether diffusers passed sample / timestep / text tokens positionally or by name
-        names = ("sample", "timestep", "encoder_hidden_states")
-        kwargs = {**dict(zip(names, args)), **kwargs}
-        args = args[len(names):]
-        sample, timestep = kwargs["sample"], kwargs["timestep"]
         n = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).flatten().to(torch.float32)
         if t.numel() == 1:
@@ -434,14 +461,15 @@ class AdapterStack:
                              encoder_hidden_states=kwargs.get("encoder_hidden_states"))
         # gates are decided on the CPU, so no slot or layer waits on the GPU; the step's progress (which reads the
         # timestep there, waiting for the GPU) only where a window or an adapter asks for it
-        ctx.progress_fn = lambda: self._progress(t.detach().cpu(), scheduler)
+        if host_t is not None:  # the step's progress needs no wait for the device at all
+            host_t = host_t.flatten().to(torch.float32).expand(n) if host_t.numel() == 1 else host_t.flatten().float()
+        ctx.progress_fn = lambda: self._progress(host_t if host_t is not None else t.detach().cpu(), scheduler)
         self.context = ctx
         if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
             ctx.cache["static"] = True
         active: list[Slot] = []
         for slot in self.slots.values():
             slot._gate = self._gate(slot, ctx, n, cfg)
-            slot._gate_on_device = {}
             slot._gate_uniform = None
             slot.state = None
             if slot._gate is None:

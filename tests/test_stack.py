@@ -241,3 +241,14 @@ def test_processors_set_after_attach_keep_the_adapters(sd15_pipe, unet_inputs):
     unet.set_attn_processor({**unet.attn_processors, name: ComposingAttnProcessor(AttnProcessor(), name, AdapterStack())})
     with pytest.raises(StudioError, match="another adapter stack"):
         _run(unet, unet_inputs)
+
+
+def test_unet_called_with_more_positional_arguments(sd15_pipe, unet_inputs):
+    """The pre-hook named the first three positional arguments only; a fourth (class_labels) then clashed."""
+    unet = sd15_pipe.unet
+    stack = AdapterStack().attach(unet)
+    stack.add(LinearAttnAdapter(unet))
+    x, t, text = unet_inputs["sample"], unet_inputs["timestep"], unet_inputs["encoder_hidden_states"]
+    with torch.no_grad():
+        positional = unet(x, t, text, None, None, None).sample
+    torch.testing.assert_close(positional, _run(unet, unet_inputs), rtol=0, atol=0)

@@ -196,8 +196,8 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
             raise StudioError("the AGD adapter needs its guidance scale: give guidance_scale=w (slot input or call)")
         device = ctx.timestep.device
 
-        def w() -> torch.Tensor:  # checked where used: checking a tensor on the GPU waits for its queue to drain
-            return self._as_w(inputs["guidance_scale"], ctx.batch_size, device)
+        def w() -> torch.Tensor:  # made when used; `begin_call` checked the call's w already (no read from the GPU)
+            return self._as_w(inputs["guidance_scale"], ctx.batch_size, device, check="_cache" not in inputs)
 
         def t_emb() -> torch.Tensor | None:
             if not self.config.timestep_dim:
@@ -276,14 +276,16 @@ class AGDAdapter(ModelMixin, AttentionAdapter, ConfigMixin):
 
     # ---- helpers
     @staticmethod
-    def _as_w(w: Any, n: int, device: torch.device | str) -> torch.Tensor:
-        """w as a float32 tensor `[n]` from a number, a list or a tensor of 1 or n values."""
+    def _as_w(w: Any, n: int, device: torch.device | str, check: bool = True) -> torch.Tensor:
+        """w as a float32 tensor `[n]` from a number, a list or a tensor of 1 or n values; `check`: that it is
+        finite (reads a tensor given on the GPU back from it)."""
         try:
-            t = torch.as_tensor(w, dtype=torch.float32).flatten().to(device)
+            t = torch.as_tensor(w, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError):
             raise StudioError(f"AGD guidance_scale must be a number or one number per sample, got {w!r}") from None
-        if not bool(torch.isfinite(t).all()):
+        if check and not bool(torch.isfinite(t).all()):  # where it was given: a number is checked on the host
             raise StudioError(f"AGD guidance_scale must be finite, got {w!r}")
+        t = t.to(device)
         if t.numel() == 1:
             return t.expand(n)
         if t.numel() != n:

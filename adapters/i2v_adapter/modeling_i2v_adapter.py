@@ -35,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from adapter_studio.adapter import AttentionAdapter
-from adapter_studio.context import CallInfo, ForwardContext
+from adapter_studio.context import CallInfo, ForwardContext, host_to_device
 from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
 from .first_frame import (FSP_BLUR_SIGMA, FSP_SHARP_RATIO, check_prior, encode_first_frame, first_frame_pixels,
@@ -299,7 +299,7 @@ def _as_latents(x: Any) -> torch.Tensor:
 def _pin(latents: torch.Tensor, first: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """`latents` `[N, C, F, h, w]` with frame 0 set to `first` `[N, C, h, w]` where `active` (`[N]` bools)."""
     out = latents.clone()
-    rows = active.to(device=latents.device).view(-1, 1, 1, 1)
+    rows = host_to_device(active, latents.device).view(-1, 1, 1, 1)  # twice a step: no wait for the device
     out[:, :, 0] = torch.where(rows, first.to(latents.dtype), latents[:, :, 0])
     return out
 

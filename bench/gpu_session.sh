@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_session.sh            # from the repo root; logs and JSON under $OUT (default /tmp/gpu-session)
 #   COMPILED_CONFIGS=bare:2,agd:1 SKIP_TESTS=1 SKIP_E2E=1 bash bench/gpu_session.sh   # a shorter lease
+#   E2E_EXTRA=--compile-vae bash bench/gpu_session.sh     # extra arguments of bench_end_to_end.py
+#   SKIP_COMPILED=1 / SKIP_E2E=1 / SKIP_TESTS=1 leave a part out; *_LIMIT (s) kill a part, *_BUDGET (s) stop it early
 #
 # The machine has torch but not diffusers: a diffusers wheel in .whl/ is installed to /tmp/site first. The package
 # itself is put on the path as links to this checkout (adapter_studio -> studio/ and its subpackages, plus an
@@ -41,16 +43,18 @@ print("torch", torch.__version__, "diffusers", diffusers.__version__, "transform
 assert len(families()) == 4
 PY
 
-stamp "bench_compiled (SD1.5 UNet, fp16, inductor + CUDA graphs)"
-timeout "${COMPILED_LIMIT:-300}" $PY bench/bench_compiled.py --device cuda --size sd15 --iters 20 \
-  --budget-s "${COMPILED_BUDGET:-210}" --json "$OUT/compiled.json" ${COMPILED_CONFIGS:+--configs "$COMPILED_CONFIGS"}
+if [ -z "${SKIP_COMPILED:-}" ]; then
+  stamp "bench_compiled (SD1.5 UNet, fp16, inductor + CUDA graphs)"
+  timeout "${COMPILED_LIMIT:-300}" $PY bench/bench_compiled.py --device cuda --size sd15 --iters 20 \
+    --budget-s "${COMPILED_BUDGET:-210}" --json "$OUT/compiled.json" ${COMPILED_CONFIGS:+--configs "$COMPILED_CONFIGS"}
+fi
 if [ -z "${SKIP_E2E:-}" ]; then
   stamp "bench_end_to_end (IP + AGD image, 512 px, 25 steps)"
   timeout "${E2E_LIMIT:-190}" $PY bench/bench_end_to_end.py --device cuda --size sd15 --iters 5 \
-    --budget-s "${E2E_BUDGET:-140}" --skip-compiled-cfg --breakdown --json "$OUT/e2e.json"
+    --budget-s "${E2E_BUDGET:-140}" --skip-compiled-cfg --breakdown --json "$OUT/e2e.json" ${E2E_EXTRA:-}
 fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   stamp "CUDA tests"
-  timeout "${TESTS_LIMIT:-100}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ip_adapter_cuda.py
+  timeout "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ip_adapter_cuda.py
 fi
 stamp done

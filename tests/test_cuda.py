@@ -49,3 +49,43 @@ def test_training_step_under_autocast_keeps_base_frozen():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
     opt.step()
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("sampler, compiled", [("DDIM", False), ("Euler", False), ("DDIM", True)],
+                         ids=["DDIM-eager", "Euler-eager", "DDIM-compiled"])
+def test_sampling_steps_after_the_first_do_not_synchronize(sampler, compiled):
+    """The GPU form of tests/test_device_reads.py: torch's sync debug mode raises at any synchronising operation (a
+    read of a device value, a blocking copy) in steps 1.. of a StudioPipeline call with IP-Adapter (step window,
+    per-sample references) and AGD, then with CFG. Each is checked on its second call (a compiled graph records its
+    CUDA graph on the first)."""
+    from adapter_studio.adapters.agd import AGDAdapter
+    from adapter_studio.adapters.ip_adapter import IPAdapter
+    from adapter_studio.pipelines.studio_pipeline import StudioPipeline
+    from adapter_studio.presets import load_pipeline
+
+    pipe = load_pipeline("tiny-sd15").to("cuda", torch.float16)
+    sp = StudioPipeline(pipe)
+    d = pipe.image_encoder.config.projection_dim
+    sp.add(IPAdapter.from_unet(pipe.unet, d, init_from_unet=False), "ip", start=0.2, end=0.8,
+           image_embeds=torch.randn(2, 1, d))
+    sp.add(AGDAdapter.from_unet(pipe.unet, hidden_dim=16), "agd")
+    sp.set_sampler(sampler)
+    if compiled:
+        sp.compile()
+    steps = 6
+
+    def step_end(p, i, t, kw):  # on after step 0 is done, off after the last step
+        torch.cuda.set_sync_debug_mode("error" if i + 1 < steps else "default")
+        return kw
+
+    try:
+        for guidance in ("agd", "cfg"):
+            sp.stack["agd"].enabled = guidance == "agd"
+            for check in (False, True):
+                out = sp(["a cat", "a dog"], num_inference_steps=steps, guidance=guidance, guidance_scale=5.0,
+                         output_type="latent", callback_on_step_end=step_end if check else None,
+                         adapter_inputs={"ip": {"sample_mask": [True, False]}})
+                assert torch.isfinite(out.images).all()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch._dynamo.reset()

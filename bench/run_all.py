@@ -30,7 +30,9 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "e2e": (["bench_end_to_end.py", "--size", "tiny", "--steps", "4", "--iters", "2"],
             ["bench_end_to_end.py", "--size", "sd15"]),
     "quality": (["quality.py", "--n", "16"], ["quality.py"]),
+    "host": (["bench_host.py", "--size", "sd15"], ["bench_host.py", "--size", "sd15"]),
 }
+ON_THEIR_OWN = ("quality", "host")  # the shipped toy models on the CPU; the meta device (no --device argument)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(RUNS):
         script, *rest = RUNS[name][args.device == "cuda"]
         cmd = [sys.executable, str(BENCH / script), *rest]
-        if name != "quality":  # the quality bench measures the shipped toy models on the CPU
+        if name not in ON_THEIR_OWN:
             cmd += ["--device", args.device]
         print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()

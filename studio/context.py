@@ -137,13 +137,14 @@ class CallInfo:
 
 
 def host_to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`t` (on the host) on `device` in `dtype`, without making the host wait for the device's queue.
+    """`t` (on the host) on `device` in `dtype`, without making the host wait for the device's queue (a tensor
+    already on a device is moved as `.to` would).
 
     A plain `.to("cuda")` waits for every kernel queued before it (PyTorch synchronises blocking copies); between
     sampling steps that stalls the queue. From pinned memory the copy is asynchronous, and PyTorch's pinned-memory
     cache keeps the source alive until the copy has run.
     """
     t = t if dtype is None else t.to(dtype)
-    if torch.device(device).type == "cuda":
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)

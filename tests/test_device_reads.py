@@ -164,3 +164,36 @@ def test_image_to_video_sampling_reads_nothing_from_the_device(guidance_scale):
                  width=64, output_type="latent", guidance_scale=guidance_scale, callback_on_step_end=step_end)
     assert out.frames.device.type == "meta" and out.frames.shape[2] == 4
     assert traffic.copies and all(step == 0 for step, _ in traffic.copies), traffic.copies
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler"])
+def test_ctrl_adapter_sampling_reads_nothing_from_the_device(sampler):
+    """Ctrl-Adapter with a step window and a per-sample mask (rows picked and scattered each step): its fusion
+    weights, row indices and the control image (made when the window opens, mid-call) used blocking copies."""
+    from PIL import Image
+
+    from adapter_studio.adapters.ctrl_adapter import CtrlAdapter, CtrlAdapterModel
+    from adapter_studio.presets import build_tiny_controlnet, load_pipeline
+
+    pipe = load_pipeline("tiny-sd15")
+    sp = StudioPipeline(pipe)
+    cn = build_tiny_controlnet(0)
+    model = CtrlAdapterModel.for_models(cn, pipe.unet, num_blocks=1, num_attention_heads=4, attention_head_dim=8)
+    ctrl = CtrlAdapter(cn, model)
+    image = Image.fromarray((np.random.default_rng(1).random((128, 128, 3)) * 255).astype(np.uint8))  # output size
+    sp.add(ctrl, "ctrl", image=image, start=0.2, end=0.8)
+    pipe.to("meta")
+    ctrl.to("meta")
+    sp.set_sampler(sampler)
+    emb = torch.zeros(2, 77, 32, device="meta")
+    traffic = HostToDevice()
+
+    def step_end(p, i, t, kw):
+        traffic.step = i + 1
+        return kw
+
+    with traffic:
+        out = sp(prompt_embeds=emb, negative_prompt_embeds=emb, num_inference_steps=4, output_type="latent",
+                 guidance_scale=5.0, callback_on_step_end=step_end, adapter_inputs={"ctrl": {"sample_mask": [True, False]}})
+    assert out.images.device.type == "meta"
+    assert all(step == 0 for step, _ in traffic.copies), traffic.copies

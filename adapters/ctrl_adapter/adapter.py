@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapter_studio.adapter import ResidualAdapter
-from adapter_studio.context import CallInfo, ForwardContext, UNetCall
+from adapter_studio.context import CallInfo, ForwardContext, UNetCall, host_to_device
 from adapter_studio.errors import IncompatibleAdapterError, StudioError
 
 from .conditions import Condition, check_unit, parse_conditions
@@ -175,7 +175,7 @@ class CtrlAdapter(ResidualAdapter):
         any_rows = present.any(dim=0)
         text = self._target_text(call.encoder_hidden_states, n, rows)
         down, mid = self._fused_controlnet_residuals(state, present, any_rows, latents, call, text, batch)
-        sel = None if bool(any_rows.all()) else any_rows.nonzero()[:, 0].to(latents.device)
+        sel = None if bool(any_rows.all()) else host_to_device(any_rows.nonzero()[:, 0], latents.device)
         if self.adapter is not None:
             timestep = _rows(call.timestep, frames)
             per_sample = 1
@@ -270,7 +270,7 @@ class CtrlAdapter(ResidualAdapter):
         n_any = int(any_rows.sum())
         on = present[:, any_rows]  # [K, n_any]
         w_down, w_mid = fusion_weights(on.T, len(self.source), state.fusion, self.router, dtype=latents.dtype)
-        w_down, w_mid = w_down.to(device), w_mid.to(device)
+        w_down, w_mid = host_to_device(w_down, device), host_to_device(w_mid, device)  # every step: no wait
         # weights are exactly 1 when summing, or where a single condition is present: skip those products
         single = on.sum(dim=0) == 1
         scale = self.adapter.config.source_scale if self.adapter is not None else 1.0
@@ -283,7 +283,7 @@ class CtrlAdapter(ResidualAdapter):
             mask = present[k]
             if not bool(mask.any()):
                 continue
-            idx = None if bool(mask.all()) else mask.nonzero()[:, 0].to(device)
+            idx = None if bool(mask.all()) else host_to_device(mask.nonzero()[:, 0], device)
             pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
             images = self._control_rows(cond, k, src_size, tuple(latents.shape[-2:]), cn, batch, device)
             added = None
@@ -296,7 +296,7 @@ class CtrlAdapter(ResidualAdapter):
                            controlnet_cond=pick(images).to(dtype), conditioning_scale=cond.conditioning_scale,
                            guess_mode=state.guess_mode, added_cond_kwargs=added, return_dict=False)
             mine = mask[any_rows]
-            where = pos[mask].to(device)
+            where = host_to_device(pos[mask], device)
             unit = state.fusion == "sum" or bool(single[mine].all())
             everywhere = bool(mine.all())
             down = [self._add(acc, r.to(latents.dtype), None if unit else w_down[i, where, k], where, n_any,
@@ -316,7 +316,8 @@ class CtrlAdapter(ResidualAdapter):
             label = f"control image {k + 1}" if len(self.controlnets) > 1 else "control image"
             images = cond.tensors(px, factor, label, expected=(out_size[0] * factor, out_size[1] * factor))
             m = batch.image_rows(images.shape[0], k)
-            hit = cond.cache[key] = self._frames(images, batch.frames, k)[m].flatten(0, 1).to(device)
+            # made at the first step the condition acts in, which may be mid-call: copied without a wait
+            hit = cond.cache[key] = host_to_device(self._frames(images, batch.frames, k)[m].flatten(0, 1), device)
         return hit
 
     @staticmethod

@@ -229,6 +229,9 @@ def _timesteps_on_host(scheduler: Any) -> Iterator[None]:
     copy made per call (`AdapterStack._timestep_on_device`). The values, and so the images, are the same.
     """
     set_timesteps = scheduler.set_timesteps
+    if "device" not in inspect.signature(set_timesteps).parameters:  # a scheduler of its own kind: left as it is
+        yield
+        return
 
     @functools.wraps(set_timesteps)  # pipelines read its signature (does it take `timesteps=` / `sigmas=`?)
     def on_host(*args: Any, device: Any = None, **kwargs: Any) -> Any:

@@ -424,7 +424,7 @@ class AdapterStack:
             return timestep
         cache = self._device_timesteps
         if cache is None or cache[0] is not ts or cache[1] != device:
-            on_device = ts.to(device)
+            on_device = host_to_device(ts, device)  # at the first step, behind the encoders: no wait for them
             steps = {v: on_device[i].clone() for i, v in enumerate(ts.tolist())}
             cache = self._device_timesteps = (ts, device, steps)
         return cache[2].get(timestep.item(), timestep)
@@ -459,11 +459,10 @@ class AdapterStack:
         ctx = ForwardContext(batch_size=n, cfg=cfg, timestep=t, progress=None, latent_size=tuple(sample.shape[-2:]),
                              num_frames=sample.shape[2] if sample.ndim == 5 else 1, unet=module,
                              encoder_hidden_states=kwargs.get("encoder_hidden_states"))
-        # gates are decided on the CPU, so no slot or layer waits on the GPU; the step's progress (which reads the
-        # timestep there, waiting for the GPU) only where a window or an adapter asks for it
-        if host_t is not None:  # the step's progress needs no wait for the device at all
-            host_t = host_t.flatten().to(torch.float32).expand(n) if host_t.numel() == 1 else host_t.flatten().float()
-        ctx.progress_fn = lambda: self._progress(host_t if host_t is not None else t.detach().cpu(), scheduler)
+        # gates are decided on the CPU, so no slot or layer waits on the GPU; the step's progress only where a window
+        # or an adapter asks for it, from the host timestep of a StudioPipeline call (else read back from the device)
+        ctx.progress_fn = lambda: self._progress(
+            host_t.flatten().float().expand(n) if host_t is not None else t.detach().cpu(), scheduler)
         self.context = ctx
         if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
             ctx.cache["static"] = True

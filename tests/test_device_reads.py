@@ -31,6 +31,11 @@ class HostToDevice(TorchDispatchMode):
         self.step = 0
         self.copies: list[tuple[int, tuple[int, ...]]] = []
 
+    def step_end(self, pipe, i, t, kw):
+        """A pipeline's `callback_on_step_end`: copies from here on belong to step `i + 1`."""
+        self.step = i + 1
+        return kw
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -66,14 +71,9 @@ def _call(sp, guidance, traffic):
     sp.stack["agd"].enabled = guidance == "agd"
     emb = torch.zeros(2, 77, 32, device="meta")
 
-    def step_end(pipe, i, t, kw):
-        if isinstance(traffic, HostToDevice):
-            traffic.step = i + 1
-        return kw
-
     with traffic:
         out = sp(prompt_embeds=emb, negative_prompt_embeds=emb, num_inference_steps=4, output_type="latent",
-                 guidance=guidance, guidance_scale=5.0, callback_on_step_end=step_end,
+                 guidance=guidance, guidance_scale=5.0, callback_on_step_end=getattr(traffic, "step_end", None),
                  adapter_inputs={"ip": {"sample_mask": [True, False]}})
     return out.images
 
@@ -154,14 +154,9 @@ def test_image_to_video_sampling_reads_nothing_from_the_device(guidance_scale):
     sp.set_sampler("DDIM")
     emb = torch.zeros(1, 77, sp.pipe.unet.config.cross_attention_dim, device="meta")
     traffic = HostToDevice()
-
-    def step_end(pipe, i, t, kw):
-        traffic.step = i + 1
-        return kw
-
     with traffic:
         out = sp(prompt_embeds=emb, negative_prompt_embeds=emb, num_inference_steps=4, num_frames=4, height=64,
-                 width=64, output_type="latent", guidance_scale=guidance_scale, callback_on_step_end=step_end)
+                 width=64, output_type="latent", guidance_scale=guidance_scale, callback_on_step_end=traffic.step_end)
     assert out.frames.device.type == "meta" and out.frames.shape[2] == 4
     assert traffic.copies and all(step == 0 for step, _ in traffic.copies), traffic.copies
 
@@ -187,13 +182,9 @@ def test_ctrl_adapter_sampling_reads_nothing_from_the_device(sampler):
     sp.set_sampler(sampler)
     emb = torch.zeros(2, 77, 32, device="meta")
     traffic = HostToDevice()
-
-    def step_end(p, i, t, kw):
-        traffic.step = i + 1
-        return kw
-
     with traffic:
         out = sp(prompt_embeds=emb, negative_prompt_embeds=emb, num_inference_steps=4, output_type="latent",
-                 guidance_scale=5.0, callback_on_step_end=step_end, adapter_inputs={"ctrl": {"sample_mask": [True, False]}})
+                 guidance_scale=5.0, callback_on_step_end=traffic.step_end,
+                 adapter_inputs={"ctrl": {"sample_mask": [True, False]}})
     assert out.images.device.type == "meta"
     assert all(step == 0 for step, _ in traffic.copies), traffic.copies

@@ -55,9 +55,7 @@ class StudioControlNet(comfy.controlnet.ControlBase):
             prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
             return prev
-        from .families import pil_images
-
-        inputs = self.inputs or {"image": pil_images(self.cond_hint_original.movedim(1, -1))}
+        inputs = self.inputs or {"image": glue.pil_images(self.cond_hint_original.movedim(1, -1))}
         kinds = list(transformer_options.get("cond_or_uncond") or [0] * batched_number)
         out = self.residuals(x_noisy, t, cond["c_crossattn"], kinds, inputs, 1.0)  # control_merge applies strength
         return self.control_merge(out, prev, output_dtype=None)
@@ -67,9 +65,7 @@ class StudioControlNet(comfy.controlnet.ControlBase):
         """The family's CtrlAdapter for `model`'s layout (loaded once per layout)."""
         key = glue.diffusers_config_of(model)
         if self._adapter is None or self._layout != key:
-            from .families import load_adapter
-
-            self._adapter = load_adapter(self.weights, model)
+            self._adapter = glue.load_adapter(self.weights, model)
             self._layout = key
         return self._adapter
 

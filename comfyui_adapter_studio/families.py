@@ -15,41 +15,13 @@ the socket values into the studio adapter's inputs and installs it on a clone of
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import glue
-
-
-@dataclass
-class Weights:
-    """What a loader node outputs: the family and its files (resolved paths), checked to be the family's."""
-
-    family: Any
-    paths: dict[str, str | None]
-    description: str = ""
-
-    def key(self) -> tuple:
-        return (self.family.name, tuple(sorted((k, v or "") for k, v in self.paths.items())))
-
-
-_ADAPTERS: dict[tuple, Any] = {}
-
-
-def load_adapter(weights: Weights, model: Any) -> Any:
-    """The family's adapter for `model`'s layout, through the family's own loader (cached per file and layout)."""
-    cfg = glue.diffusers_config_of(model)
-    key = weights.key() + (json.dumps(cfg, sort_keys=True),)
-    adapter = _ADAPTERS.get(key)
-    if adapter is None:
-        pipe = glue.StandInPipe(model, video=weights.family.output == "video")
-        adapter = weights.family.load(weights.paths, pipe)
-        adapter.eval().requires_grad_(False)
-        _ADAPTERS[key] = adapter
-    return adapter
+from .glue import Weights, load_adapter, pil_images
 
 
 def _scale_for(family: Any, values: dict[str, Any], model: Any) -> Any:
@@ -133,14 +105,6 @@ def apply_agd(family: Any, model: Any, weights: Weights, values: dict[str, Any])
 
 # ----------------------------------------------------------------------------------------------------------
 # Ctrl-Adapter / ControlNet
-
-
-def pil_images(image: torch.Tensor) -> list[Any]:
-    """ComfyUI's IMAGE `[B, H, W, C]` in 0..1 -> RGB PIL images (what the studio's preprocessors take)."""
-    from PIL import Image
-
-    arr = (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 def control_net(weights: Weights) -> Any:

@@ -10,11 +10,13 @@ own code computes the term (no re-implementation); ComfyUI's attention runs as i
 
 `standin_unet(model)`: the studio's loaders check adapter files against a diffusers UNet; this builds one with the
 ComfyUI model's layout on the meta device (no memory), so every family loader and its checks run unchanged.
+`load_adapter(weights, model)` runs a loader node's `Weights` through that family loader, once per file and layout.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -97,6 +99,42 @@ class StandInPipe:
         self.unet = standin_video_unet(model) if video else standin_unet(model)
         self.image_encoder = None
         self.vae = None
+
+
+@dataclass
+class Weights:
+    """What a loader node outputs: the family and its files (resolved paths), checked to be the family's."""
+
+    family: Any
+    paths: dict[str, str | None]
+    description: str = ""
+
+    def key(self) -> tuple:
+        return (self.family.name, tuple(sorted((k, v or "") for k, v in self.paths.items())))
+
+
+_ADAPTERS: dict[tuple, Any] = {}
+
+
+def load_adapter(weights: Weights, model: Any) -> Any:
+    """The family's adapter for `model`'s layout, through the family's own loader (cached per file and layout)."""
+    cfg = diffusers_config_of(model)
+    key = weights.key() + (json.dumps(cfg, sort_keys=True),)
+    adapter = _ADAPTERS.get(key)
+    if adapter is None:
+        pipe = StandInPipe(model, video=weights.family.output == "video")
+        adapter = weights.family.load(weights.paths, pipe)
+        adapter.eval().requires_grad_(False)
+        _ADAPTERS[key] = adapter
+    return adapter
+
+
+def pil_images(image: torch.Tensor) -> list[Any]:
+    """ComfyUI's IMAGE `[B, H, W, C]` in 0..1 -> RGB PIL images (what the studio's preprocessors take)."""
+    from PIL import Image
+
+    arr = (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
 
 
 class AttentionView:

@@ -19,6 +19,7 @@ from adapter_studio.errors import CheckpointError, StudioError
 from adapter_studio.registry import families
 
 from . import families as bindings
+from .glue import Weights
 
 
 def _entry(s: Socket, combo_lists: bool) -> tuple:
@@ -108,7 +109,7 @@ def _loader_body(family: Any, spec: NodeSpec) -> Callable[..., tuple]:
                     raise CheckpointError(f"{Path(p).name} is not {family.label} weights ({e})"
                                           f"{_other_family(Path(p), family)}") from None
                 desc = f"{d.get('format')} {d.get('variant') or ''}".strip()
-        handle = bindings.Weights(family, paths, desc)
+        handle = Weights(family, paths, desc)
         if spec.outputs[0][1] == "CONTROL_NET":
             return (bindings.control_net(handle),)
         return (handle,)

@@ -137,7 +137,7 @@ for label, extra in (("ip", {}), ("ip_mask_window", {"mask": mask, "start_at": 0
             "end_at": 1.0, **extra}
     m_ip = nodes["AdapterStudioApplyIPAdapter"]().apply(model=model, ip=ip_w, clip_vision=cv, image=image, **args)[0]
     got = comfy_run(m_ip, CFG)
-    from comfyui_adapter_studio.families import load_adapter
+    from comfyui_adapter_studio.glue import load_adapter
     from adapter_studio.block_scale import block_preset_scale
 
     adapter = load_adapter(ip_w, model)
@@ -156,7 +156,7 @@ agd_w = nodes["AdapterStudioAGDLoader"]().load(weights="tiny-agd/diffusion_pytor
 m_agd = nodes["AdapterStudioApplyAGD"]().apply(model=model, agd=agd_w, guidance_scale=5.0, weight=1.0, start_at=0.0,
                                                end_at=1.0)[0]
 got = comfy_run(m_agd, 1.0)
-from comfyui_adapter_studio.families import load_adapter  # noqa: E402
+from comfyui_adapter_studio.glue import load_adapter  # noqa: E402
 
 sp.add(load_adapter(agd_w, model), name="agd", guidance_scale=5.0)
 want = studio_run(1.0)
@@ -179,7 +179,7 @@ def defaults(cls, **given):
 
 
 # Ctrl: a ControlNet (tiny-sd15's own backbone, no adapter) as a ComfyUI ControlNet object on the MODEL
-from comfyui_adapter_studio.families import pil_images  # noqa: E402
+from comfyui_adapter_studio.glue import pil_images  # noqa: E402
 
 loader = nodes["AdapterStudioCtrlAdapterLoader"]
 ctrl_w = loader().load(**defaults(loader, controlnet="tiny-cn/diffusion_pytorch_model.safetensors"))[0]

@@ -7,7 +7,8 @@ Rows (UNet steps, compiled unless said; each configuration's first call is its c
 eager vs compiled bare UNet; compiled stack with IP / AGD / IP+AGD vs compiled bare; AGD vs CFG per sampling step
 (AGD: one pass of batch B with the adapter, CFG: one bare pass of batch 2B) at B = 1 and 8; a heterogeneous batch
 of 4 (4 different mixes: none, IP, AGD, IP+AGD with per-sample references and w) vs a uniform batch of 4 (IP+AGD
-for all). Every compiled output is checked against eager (max abs difference printed). Each configuration's inputs
+for all); a plain ControlNet unit (`ctrl`, a ControlNet made from the UNet, its control image at the latent's pixel
+size) vs compiled bare and vs its eager step, the ControlNet compiled as a graph of its own. Every compiled output is checked against eager (max abs difference printed). Each configuration's inputs
 are encoded once as a sampling call does (`begin_call`), so the steps timed are a call's steps after its first; steps
 run back to back with one wait for the GPU per round, as in a sampling loop.
 
@@ -18,6 +19,7 @@ with them on, compiled apart (its own graph) and compared with the plain `bare:2
   tuned     inductor flags of diffusers' "accelerate inference" guide (conv 1x1 as matmul, coordinate descent
             tuning, no epilogue fusion)
   autotune  mode "max-autotune" (CUDA graphs and autotuned matmul / conv templates; minutes more per graph)
+  eagercn   what adapters run outside the UNet (the `ctrl` unit's ControlNet) left eager, as before it was compiled
 The bare batch-1 step (`bare:1`) against the CFG step gives the floor of AGD / CFG at B=1: AGD is one UNet pass of
 batch 1 plus the adapter, so it cannot be faster than the bare UNet at batch 1.
 """
@@ -30,18 +32,22 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import build_unet, machine, print_table, time_fn  # noqa: E402
+from bench.common import build_controlnet, build_unet, machine, print_table, time_fn  # noqa: E402
 
-LEVERS = ("fused", "cl", "tuned", "autotune")
+LEVERS = ("fused", "cl", "tuned", "autotune", "eagercn")
 TUNED_INDUCTOR = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
                       coordinate_descent_check_all_directions=True)
 from adapter_studio.adapters.agd import AGDAdapter  # noqa: E402
+from adapter_studio.adapters.ctrl_adapter import CtrlAdapter  # noqa: E402
 from adapter_studio.adapters.ip_adapter import IPAdapter  # noqa: E402
 from adapter_studio.context import CallInfo  # noqa: E402
 from adapter_studio.stack import AdapterStack  # noqa: E402
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             p.normal_(0.0, 0.05)
     ip.to(dev, dtype)
     agd.to(dev, dtype)
+    ctrl = CtrlAdapter(build_controlnet(unet).to(dev, dtype))
+    control_image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (side * 8, side * 8, 3), dtype=np.uint8))
     g = torch.Generator().manual_seed(1)
     maxb = 2 * args.big_batch
     xs = torch.randn(maxb, 4, side, side, generator=g).to(dev, dtype)
@@ -97,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "hetero":  # sample i: none, IP (ref 1), AGD w=5, IP (ref 3) + AGD w=3
             stack.add(ip, "ip", image_embeds=embs, sample_mask=[False, True, False, True])
             stack.add(agd, "agd", guidance_scale=torch.tensor([1.0, 1.0, 5.0, 3.0]), sample_mask=[False, False, True, True])
+        if kind == "ctrl":
+            stack.add(ctrl, "ctrl", image=control_image)
         # as inside a sampling call: inputs encoded once by `begin_call`, so steps reuse what is fixed over a call
-        call = CallInfo(pipe=None, batch_size=b, num_images_per_prompt=1, cfg=False, guidance_scale=5.0,
+        call = CallInfo(pipe=SimpleNamespace(unet=unet), batch_size=b, num_images_per_prompt=1, cfg=False, guidance_scale=5.0,
                         device=torch.device(dev), dtype=dtype)
         for slot in stack:
             slot.call_inputs = slot.adapter.begin_call(dict(slot.inputs), call)
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     B = args.big_batch
     # in order of importance: a short GPU lease compiles as many as its budget allows, the first ones first
     configs = [("bare", 2, ""), ("agd", 1, ""), ("bare", 1, ""), ("ip", 2, ""), ("ip+agd", 2, ""), ("agd", 2, ""),
-               ("hetero", 4, ""), ("uniform", 4, ""), ("agd", B, ""), ("bare", maxb, "")]
+               ("hetero", 4, ""), ("uniform", 4, ""), ("agd", B, ""), ("bare", maxb, ""), ("ctrl", 2, "")]
     if args.configs:
         configs = [parse_config(c) for c in args.configs.split(",")]
     step_flops = count_flops(step_fn(2))  # the bare UNet's CFG step (batch 2)
@@ -196,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         ratio(f"sampling step B={B}: AGD (batch {B}) / CFG (bare batch {2 * B})", ("agd", B, ""),
               ("bare", 2 * B, ""), comp),
         ratio("batch 4: heterogeneous (4 mixes) / uniform (IP+AGD)", ("hetero", 4, ""), ("uniform", 4, ""), comp),
+        ratio("ControlNet unit, batch 2: compiled / compiled bare", ("ctrl", 2, ""), ("bare", 2, ""), comp),
+        ratio("ControlNet unit, batch 2: compiled / eager", ("ctrl", 2, ""), ("ctrl", 2, ""), eager),
     ]
     rows += [ratio(f"{label(k)}: with levers / without", k, (k[0], k[1], ""), comp) for k in configs if k[2]]
     print_table(title, ["ratio", "ms / step (numerator)", "ratio"], rows)
@@ -253,6 +265,9 @@ def levers_on(lever: str, stack: AdapterStack, args: argparse.Namespace) -> Iter
         stack.compile(backend=args.backend, mode="max-autotune" if "autotune" in names else args.mode)
         undo.callback(lambda: stack.compile(backend=args.backend, mode=args.mode))
         undo.callback(torch._dynamo.reset)
+        if "eagercn" in names:
+            stack._compile_part = lambda module: module  # the stack hands adapters their modules uncompiled
+            undo.callback(lambda: delattr(stack, "_compile_part"))
         yield
 
 

@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (add_worker_args, build_unet, fastest, loop_result, machine, peak_memory,  # noqa: E402
-                          preset_file, print_table, run_training_workers, run_worker, sync, time_fn, timed_steps,
-                          training_header, training_rows)
+from bench.common import (add_worker_args, build_controlnet, build_unet, fastest, loop_result, machine,  # noqa: E402
+                          peak_memory, preset_file, print_table, run_training_workers, run_worker, sync, time_fn,
+                          timed_steps, training_header, training_rows)
 
 # the adapter's transformer width per size: the release's 8 heads x 64 at SD1.5 size, scaled with the model below it
 HEADS = {"tiny": dict(num_attention_heads=4, attention_head_dim=8),
@@ -53,19 +53,6 @@ ADAPTERS = (("full: every level + M, 3 per level, 2 blocks", None, 3, 2, {}),
             ("levels B, C (, D) + M, 1 per level, 1 block", "BCDM", 1, 1, {}),
             ("every level + M, 1 per level, 1 block without transformer", None, 1, 1,
              {"add_spatial_transformer": False}))
-
-
-def _controlnet(unet: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A ControlNet made from `unet` with random weights in its zero-initialised convolutions (else it adds zeros)."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    cn = ControlNetModel.from_unet(unet)
-    with torch.no_grad():
-        for p in cn.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.02)
-    return cn.eval().requires_grad_(False)
 
 
 def _existing(locations: str | None, unet_config: Any) -> str | None:
@@ -83,7 +70,7 @@ def bench_unet(args: argparse.Namespace) -> str:
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     with torch.device(args.device):  # random init on the device: seconds instead of a minute for SD1.5 on a CPU
         unet = build_unet(args.size, args.device, dtype)
-        cn = _controlnet(unet).to(args.device, dtype)
+        cn = build_controlnet(unet).to(args.device, dtype)
     cfg = unet.config
     units = {"plain": CtrlAdapter(cn)}
     for label, locations, per_location, blocks, extra in ADAPTERS:
@@ -243,7 +230,7 @@ def bench_train(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         preset, res = preset_file(args.size, Path(tmp), image_encoder=False)
         write_demo_data(Path(tmp) / "data", max(16, 2 * args.train_batch), size=res)
-        _controlnet(load_pipeline(preset).unet).save_pretrained(Path(tmp) / "controlnet")  # the frozen source
+        build_controlnet(load_pipeline(preset).unet).save_pretrained(Path(tmp) / "controlnet")  # the frozen source
         kinds = ("controlnet", *TRAINED) * max(1, min(args.rounds, 2))
         results = fastest(run_training_workers(__file__, kinds, args, tmp, preset, res))
     ref = results["controlnet"]

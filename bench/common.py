@@ -76,6 +76,19 @@ def build_unet(size: str, device: str, dtype: torch.dtype, seed: int = 0):
     return unet.to(dtype=dtype).eval().requires_grad_(False)
 
 
+def build_controlnet(unet: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A ControlNet made from `unet` with random weights in its zero-initialised convolutions (else it adds zeros)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for p in cn.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return cn.eval().requires_grad_(False)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -26,6 +26,8 @@ class ForwardContext:
         encoder_hidden_states: the forward's text tokens `[N, S, D]` as the UNet was given them (None where the
             caller does not know them), so an adapter can prepare what depends on the prompt once for all layers.
         cache: per-forward scratch space shared by adapters.
+        compile_part: compiled mode: `compile_part(module)` is `module` compiled with the stack's options (kept
+            across forwards), for the work an adapter runs outside the UNet's graph (a ControlNet); None when eager.
     """
 
     batch_size: int
@@ -38,6 +40,7 @@ class ForwardContext:
     encoder_hidden_states: torch.Tensor | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     progress_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    compile_part: Callable[[torch.nn.Module], Callable[..., Any]] | None = field(default=None, repr=False)
 
     def step_progress(self) -> torch.Tensor:
         """`progress`, computed by `progress_fn` on first use."""

@@ -130,6 +130,9 @@ class AdapterStack:
         self.static = False
         self._static_layers: dict[str, list[tuple[Slot, int]]] = {}
         self._compiled: Any = None
+        #: compiled mode: modules adapters run outside the UNet's graph, compiled (`_compile_part`), by `id`
+        self._parts: dict[int, tuple[nn.Module, Any]] = {}
+        self._part_options: dict[str, Any] = {}
 
     # ---- attach / detach
     def attach(self, unet: nn.Module) -> "AdapterStack":
@@ -197,6 +200,10 @@ class AdapterStack:
         Adding, removing, enabling or disabling an adapter (or switching a mask or per-sample references on or off)
         changes the graph's structure and may recompile once.
 
+        What an adapter runs outside the UNet (a Ctrl unit's ControlNets and Ctrl-Adapter) is compiled too, with the
+        same options but without CUDA graphs (`ForwardContext.compile_part`): its outputs reach the UNet's graph
+        through the stack's eager gates, and capturing them as well is not yet checked on a GPU.
+
         `mode="auto"`: "reduce-overhead" (CUDA graphs) with inductor on CUDA, the default elsewhere.
         `recompile_limit`: raises torch's process-wide `torch._dynamo.config.recompile_limit` (default 8) to at least
         this: every mix structure (adapters, batch size, resolution) is one cached graph, and with `fullgraph=True`
@@ -211,6 +218,8 @@ class AdapterStack:
         if mode == "auto":
             mode = "reduce-overhead" if backend == "inductor" and unet.device.type == "cuda" else None
         kw = dict(backend=backend, fullgraph=fullgraph, dynamic=dynamic, **options)
+        part_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        self._part_options = dict(kw, mode=part_mode) if part_mode is not None else dict(kw)
         if mode is not None:
             kw["mode"] = mode
         self._compiled = torch.compile(unet.forward, **kw)
@@ -225,12 +234,24 @@ class AdapterStack:
         self._compiled = None
         self.static = False
         self._static_layers = {}
+        self._parts = {}
         for slot in self.slots.values():
             slot._static_gates = None
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
+    def _compile_part(self, module: nn.Module) -> Any:
+        """`module` compiled with the stack's options, kept until it leaves the stack or the stack is uncompiled."""
+        hit = self._parts.get(id(module))
+        if hit is None or hit[0] is not module:
+            # hooks an adapter sets on its parts for a call (latent skipping on a ControlNet's conv_in) must reach
+            # the graph: torch does not guard on module hooks by default
+            compiled = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)(
+                torch.compile(module, **self._part_options))
+            hit = self._parts[id(module)] = (module, compiled)
+        return hit[1]
 
     def _static_prepare(self, ctx: ForwardContext, n: int, cfg: bool, device: torch.device,
                         dtype: torch.dtype) -> None:
@@ -319,6 +340,8 @@ class AdapterStack:
         return f"{base}{i}"
 
     def _reindex(self) -> None:
+        kept = {id(m) for slot in self.slots.values() for m in slot.adapter.modules()}
+        self._parts = {k: v for k, v in self._parts.items() if k in kept}  # a removed adapter's compiled parts go
         by_layer: dict[str, list[Slot]] = {}
         for slot in self.slots.values():
             slot._layer_scales = {}
@@ -466,6 +489,7 @@ class AdapterStack:
         self.context = ctx
         if self.static:  # adapters then prepare what the compiled layers read as tensors (see `compile`)
             ctx.cache["static"] = True
+            ctx.compile_part = self._compile_part
         active: list[Slot] = []
         for slot in self.slots.values():
             slot._gate = self._gate(slot, ctx, n, cfg)

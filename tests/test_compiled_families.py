@@ -5,7 +5,8 @@ As there: a counting backend over "aot_eager", `fullgraph=True` (any graph break
 tiny preset models with 8x8 latents. Every "a change acts" check asks for a difference far above that tolerance, so a
 compiled graph that kept a stale value would fail the equality with eager.
 
-* Ctrl-Adapter: its residuals are computed eagerly in the stack's pre-hook and enter the compiled UNet as
+* Ctrl-Adapter: its residuals are computed in the stack's pre-hook, by the ControlNet and the Ctrl-Adapter compiled
+  as graphs of their own (`ForwardContext.compile_part`), and enter the compiled UNet as
   `down_block_additional_residuals` / `mid_block_additional_residual`. Their values (scale, per-block scale, control
   image, conditioning scale, per-sample mask) never recompile; out of its window or at scale 0 the stack hands the
   UNet zero residuals of the same shapes (`ResidualAdapter.zero_residuals`), so that does not recompile either;
@@ -98,15 +99,16 @@ def _compiled_and_eager(stack, data, t):
     return out
 
 
-def _check_changes(stack, data, t, changes, backend):
-    """Each change in turn: compiled = eager, the output moves by more than ACTS, no recompilation."""
+def _check_changes(stack, data, t, changes, backend, graphs=1):
+    """Each change in turn: compiled = eager, the output moves by more than ACTS, no recompilation (`graphs`: the
+    UNet's, and those of what an adapter runs outside it)."""
     prev = _compiled_and_eager(stack, data, t)
-    assert backend.graphs == 1, "one graph, no break"
+    assert backend.graphs == graphs, "one graph each, no break"
     for name, change in changes:
         change()
         out = _compiled_and_eager(stack, data, t)
         assert (out - prev).abs().max() > ACTS, f"{name}: the change acts"
-        assert backend.graphs == 1, f"{name}: recompiled ({backend.graphs} graphs)"
+        assert backend.graphs == graphs, f"{name}: recompiled ({backend.graphs} graphs)"
         prev = out
     return prev
 
@@ -136,31 +138,45 @@ def test_ctrl_adapter_compiled_equals_eager_and_values_window_and_scale_do_not_r
             ("control image", lambda: slot.inputs.update(image=_img(2))),  # same size, another image
             ("conditioning scale", lambda: slot.inputs.update(conditioning_scale=0.5)),
             ("sample mask", lambda: setattr(slot, "sample_mask", [True, False])),
-        ], backend)
+        ], backend, graphs=3)  # the UNet, the ControlNet, the Ctrl-Adapter: each compiled, none recompiled
         assert (on - bare).abs().max() > 1e-2, "the control acts"
         # a condition switched off inside the unit (conditioning scale 0) gives zero residuals: still the same graph
         slot.inputs.update(conditioning_scale=0.0)
         torch.testing.assert_close(_compiled_and_eager(stack, data, t), bare, rtol=0, atol=ATOL)
-        assert backend.graphs == 1, "zero residuals: no recompilation"
+        assert backend.graphs == 3, "zero residuals: no recompilation"
         slot.inputs.update(conditioning_scale=0.5)
 
         # out of its window or at scale 0 it adds nothing: compiled mode hands the UNet zero residuals of the same
         # shapes (`zero_residuals`), so the graph keeps its inputs and nothing recompiles
         slot.set_window(0.0, 0.2)
         torch.testing.assert_close(_compiled_and_eager(stack, data, t), bare, rtol=0, atol=ATOL)
-        assert backend.graphs == 1, "leaving the window: zero residuals, the same graph"
+        assert backend.graphs == 3, "leaving the window: zero residuals, the same graph"
         slot.set_window(0.0, 1.0)
         torch.testing.assert_close(_compiled_and_eager(stack, data, t), on, rtol=0, atol=ATOL)
         slot.scale = 0.0
         torch.testing.assert_close(_compiled_and_eager(stack, data, t), bare, rtol=0, atol=ATOL)
-        assert backend.graphs == 1, "scale 0: zero residuals, the same graph"
+        assert backend.graphs == 3, "scale 0: zero residuals, the same graph"
         # disabling removes the adapter from the mix (a structural change, as for every family): the residual-free
         # UNet, compiled once
         slot.scale, slot.enabled = 1.0, False
         torch.testing.assert_close(_compiled_and_eager(stack, data, t), bare, rtol=0, atol=ATOL)
         slot.enabled = True
-        assert (_compiled_and_eager(stack, data, t) - bare).abs().max() > 1e-2
-        assert backend.graphs == 2, f"{backend.graphs} graphs: one with residuals, one without (disabled)"
+        controlled = _compiled_and_eager(stack, data, t)
+        assert (controlled - bare).abs().max() > 1e-2
+        assert backend.graphs == 4, f"{backend.graphs} graphs: the UNet with residuals and without (disabled)"
+        # latent skipping hooks the ControlNet's conv_in: the compiled ControlNet must see the hook come and go
+        slot.inputs.update(skip_latents=True)
+        assert (_compiled_and_eager(stack, data, t) - controlled).abs().max() > ACTS, "latent skipping acts"
+        slot.inputs.update(skip_latents=False)
+        torch.testing.assert_close(_compiled_and_eager(stack, data, t), controlled, rtol=0, atol=ATOL)
+        inputs, mask = dict(slot.inputs), slot.sample_mask
+        stack.remove("ctrl")
+        assert not stack._parts, "a removed unit's compiled ControlNet and adapter are not kept"
+        # the studio's pool clears a pipeline's stack after every call: the same unit added again compiles nothing
+        graphs = backend.graphs
+        stack.add(ctrl, "ctrl", sample_mask=mask, **inputs)
+        torch.testing.assert_close(_compiled_and_eager(stack, data, t), controlled, rtol=0, atol=ATOL)
+        assert backend.graphs == graphs, "added again: no recompilation"
     finally:
         stack.detach()
 
@@ -179,9 +195,9 @@ def test_ctrl_adapter_and_ip_adapter_together_compiled_equals_eager(sd15):
             ("ip reference", lambda: ip_slot.inputs.update(image_embeds=data["emb"][1:])),
             ("ctrl scale", lambda: setattr(stack["ctrl"], "scale", 0.6)),
             ("control image", lambda: stack["ctrl"].inputs.update(image=_img(3))),
-        ], backend)
+        ], backend, graphs=3)
         _each_acts_next_to_the_other(stack, data, t, both, ("ctrl", "ip"))
-        assert backend.graphs == 1
+        assert backend.graphs == 3
     finally:
         stack.detach()
 

@@ -174,7 +174,7 @@ class CtrlAdapter(ResidualAdapter):
             return self._zeros(rows, size, latents), None
         any_rows = present.any(dim=0)
         text = self._target_text(call.encoder_hidden_states, n, rows)
-        down, mid = self._fused_controlnet_residuals(state, present, any_rows, latents, call, text, batch)
+        down, mid = self._fused_controlnet_residuals(state, present, any_rows, latents, call, text, batch, ctx)
         sel = None if bool(any_rows.all()) else host_to_device(any_rows.nonzero()[:, 0], latents.device)
         if self.adapter is not None:
             timestep = _rows(call.timestep, frames)
@@ -186,7 +186,8 @@ class CtrlAdapter(ResidualAdapter):
                     raise StudioError("with a temporal Ctrl-Adapter every controlled video must have the same number "
                                       f"of frames with a control image; got {counts.tolist()}")
                 per_sample = int(counts[0])
-            down, mid = self.adapter(
+            adapter = self.adapter if ctx.compile_part is None else ctx.compile_part(self.adapter)
+            down, mid = adapter(
                 [d.to(self.adapter.dtype) for d in down], None if mid is None else mid.to(self.adapter.dtype),
                 timestep if sel is None else timestep[sel], text if sel is None else text[sel], size, per_sample)
         down = [d.to(latents.dtype) for d in down]
@@ -263,8 +264,12 @@ class CtrlAdapter(ResidualAdapter):
 
     def _fused_controlnet_residuals(self, state: CallState, present: torch.Tensor, any_rows: torch.Tensor,
                                     latents: torch.Tensor, call: UNetCall, text: torch.Tensor,
-                                    batch: "_Batch") -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The ControlNet residuals of every present condition, fused, on the rows where any is present."""
+                                    batch: "_Batch", ctx: ForwardContext) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet residuals of every present condition, fused, on the rows where any is present.
+
+        Compiled mode runs each ControlNet compiled (`ctx.compile_part`) at conditioning scale 1 and scales its
+        residuals here: diffusers multiplies by a Python float, which a compiled graph keeps as a constant (one
+        graph per value)."""
         device = latents.device
         pos = torch.cumsum(any_rows.long(), 0) - 1  # row -> position among the rows with a condition
         n_any = int(any_rows.sum())
@@ -291,10 +296,15 @@ class CtrlAdapter(ResidualAdapter):
                 added = {key: pick(_rows(v, batch.frames)) for key, v in (call.added_cond_kwargs or {}).items()}
             cn_text = self._controlnet_text(cn, state, text, batch)
             dtype = cn.dtype
+            net, cs = cn, cond.conditioning_scale
+            if ctx.compile_part is not None:
+                net, cs = ctx.compile_part(cn), 1.0
             with torch.no_grad(), _latents_skipped(cn, cond.skip_latents):
-                d, md = cn(pick(cn_latents).to(dtype), pick(timestep), encoder_hidden_states=pick(cn_text).to(dtype),
-                           controlnet_cond=pick(images).to(dtype), conditioning_scale=cond.conditioning_scale,
-                           guess_mode=state.guess_mode, added_cond_kwargs=added, return_dict=False)
+                d, md = net(pick(cn_latents).to(dtype), pick(timestep), encoder_hidden_states=pick(cn_text).to(dtype),
+                            controlnet_cond=pick(images).to(dtype), conditioning_scale=cs,
+                            guess_mode=state.guess_mode, added_cond_kwargs=added, return_dict=False)
+            if cs != cond.conditioning_scale:
+                d, md = [r * cond.conditioning_scale for r in d], md * cond.conditioning_scale
             mine = mask[any_rows]
             where = host_to_device(pos[mask], device)
             unit = state.fusion == "sum" or bool(single[mine].all())

@@ -247,3 +247,10 @@ def test_i2v_adapter_and_agd_together_compiled_equals_eager(video):
         assert backend.graphs == 1
     finally:
         stack.detach()
+
+
+def test_compiled_ctrl_unit_through_the_pipeline_equals_eager():
+    """The CUDA check of tests/test_cuda.py (a Ctrl unit compiled through StudioPipeline), run on the CPU in fp32."""
+    from test_cuda import compiled_ctrl_unit_equals_eager
+
+    compiled_ctrl_unit_equals_eager("cpu", torch.float32, atol=1e-4, backend="aot_eager")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,6 +78,26 @@ def test_records_and_conditions_made_on_the_fly_or_precomputed(data, tmp_path):
     bad = parse_config(CtrlAdapterTrainConfig, _args(data, tmp_path, "--conditioning_columns", "[depth]"))
     with pytest.raises(DataError, match="metadata.jsonl line 1: needs 'depth'"):
         load_records(bad)
+
+
+def test_captions_under_another_key_are_refused_and_some_missing_are_counted(data, tmp_path, capsys):
+    """As for IP-Adapter and I2V-Adapter (train/data.py): before, a wrong --caption_column trained every image with
+    the empty caption, silently."""
+    wrong = parse_config(CtrlAdapterTrainConfig, _args(data, tmp_path, "--caption_column", "prompt"))
+    with pytest.raises(DataError, match=r"no entry has a caption under 'prompt' \(other keys: mask, text\); set "
+                                        r"--caption_column"):
+        load_records(wrong)
+    folder = tmp_path / "some"
+    shutil.copytree(data, folder)
+    meta = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    del rows[2]["text"]
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    records = load_records(parse_config(CtrlAdapterTrainConfig, _args(folder, tmp_path)))
+    assert [r.caption == "" for r in records] == [i == 2 for i in range(8)]
+    assert capsys.readouterr().err.strip() == (f"warning: 1 of 8 images in {meta} have no caption under 'text': "
+                                               "they train with the empty caption")
 
 
 def test_a_few_steps_reduce_the_loss_and_change_only_adapter_and_router(data, tmp_path):

@@ -40,7 +40,7 @@ def test_both_data_formats_read_the_same_records(data):
         parse_config(IPAdapterTrainConfig, ["--config", str(CONFIG), "--data_json", str(data / "data.json")])
     bad = data.parent / "bad.json"
     bad.write_text(json.dumps([{"image_file": "missing.png", "text": "x"}]))
-    with pytest.raises(ConfigError, match=r"bad.json entry 0: image .*missing.png does not exist"):
+    with pytest.raises(ConfigError, match=r"bad.json entry 0: image_file .*missing.png does not exist"):
         load_records(parse_config(IPAdapterTrainConfig, ["--config", str(CONFIG), "--data_dir", "null",
                                                          "--data_json", str(bad), "--data_root", str(data)]))
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.config import ConfigError, DataError, TrainConfig
+from adapter_studio.train.data import Captions, named_path, read_jsonl
 from adapter_studio.train.demo_data import ensure_data_dir
 from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main
 
@@ -204,43 +205,18 @@ def load_records(cfg: CtrlAdapterTrainConfig) -> list[Record]:
     """The training items of `data_dir/metadata.jsonl`; every malformed line or missing file is a `DataError`
     naming the line."""
     path = Path(cfg.data_dir) / "metadata.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention: one JSON line "
-                          "per image, {\"file_name\": ..., \"text\": ...} and any conditioning columns)")
+    rows = read_jsonl(path, f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention: one JSON "
+                            "line per image, {\"file_name\": ..., \"text\": ...} and any conditioning columns)")
     columns = cfg.conditioning_columns or [""] * len(cfg.controlnets)
     root = Path(cfg.data_dir)
+    captions = Captions(cfg.caption_column)
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        at = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"{at}: not a JSON object ({e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{at}: not a JSON object")
-        files = []
-        for key in ("file_name", *columns):
-            if not key:
-                files.append(None)
-                continue
-            name = row.get(key)
-            if not isinstance(name, str) or not name:
-                raise DataError(f"{at}: needs {key!r} (a file name relative to data_dir)")
-            if not (root / name).is_file():
-                raise DataError(f"{at}: {key} {root / name} does not exist")
-            files.append(root / name)
-        caption = row.get(cfg.caption_column, "")
-        if not isinstance(caption, str):
-            raise DataError(f"{at}: caption {cfg.caption_column!r} must be a string, got {caption!r:.80}")
-        records.append(Record(files[0], caption, tuple(files[1:])))
-    if not records:
-        raise DataError(f"the training data in {path} is empty")
+    for row, at in rows:
+        image = named_path(root, row, "file_name", at, "a file name relative to data_dir")
+        conditions = tuple(named_path(root, row, key, at, "a file name relative to data_dir") if key else None
+                           for key in columns)
+        records.append(Record(image, captions.read(row, at), conditions))
+    captions.check(path, "images")
     return records
 
 

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from adapter_studio.train.config import ConfigError, DataError
+from adapter_studio.train.config import DataError
+from adapter_studio.train.data import Captions, named_path, read_jsonl, short
 from adapter_studio.train.loop import warn
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
@@ -44,54 +45,17 @@ class Window:
     start: int
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def read_metadata(data_dir: str | Path, caption_column: str = "text") -> list[tuple[Path, str]]:
     """`(clip path, caption)` per line of `data_dir/metadata.jsonl`; a malformed line or a missing clip is a
     `DataError` naming the file and line. Lines without a caption train with the empty one (counted in a warning)."""
     folder = Path(data_dir)
     meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise ConfigError(f"data_dir {folder} has no metadata.jsonl (one JSON line per clip: "
-                          '{"file_name": "clip.mp4", "text": "a caption"}; file_name may name a folder of frames)')
-    try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{meta} is not UTF-8 text (byte {e.start})") from None
-    records, missing = [], 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"{meta} line {n}: not a JSON object ({_short(e)})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
-            raise DataError(f"{meta} line {n}: needs 'file_name' (a video or a folder of frames), got {_short(row)}")
-        path = folder / row["file_name"]
-        try:
-            exists = path.exists()
-        except (OSError, ValueError):  # a name with a NUL byte or too long for the filesystem
-            exists = False
-        if not exists:
-            raise DataError(f"{meta} line {n}: {path} does not exist")
-        caption = row.get(caption_column)
-        if caption is None:
-            missing += 1
-            caption = ""
-        elif not isinstance(caption, (str, int, float)) or isinstance(caption, bool):
-            raise DataError(f"{meta} line {n}: caption {caption_column!r} must be a string, got {_short(caption)}")
-        records.append((path, str(caption)))
-    if not records:
-        raise DataError(f"the training data in {meta} is empty")
-    if missing == len(records):
-        raise DataError(f"{meta}: no line has a caption under {caption_column!r}; set --caption_column to its key")
-    if missing:
-        warn(f"{missing} of {len(records)} clips in {meta} have no caption under {caption_column!r}: they train with "
-             "the empty caption")
+    rows = read_jsonl(meta, f"data_dir {folder} has no metadata.jsonl (one JSON line per clip: "
+                            '{"file_name": "clip.mp4", "text": "a caption"}; file_name may name a folder of frames)')
+    captions = Captions(caption_column)
+    records = [(named_path(folder, row, "file_name", at, "a video or a folder of frames", folders=True),
+                captions.read(row, at)) for row, at in rows]
+    captions.check(meta, "clips")
     return records
 
 
@@ -116,7 +80,7 @@ def count_frames(path: Path) -> int:
     except (OSError, RuntimeError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # ffmpeg reports a broken stream as a RuntimeError holding its whole log: its last line says why
         why = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise DataError(f"{path} is not a readable video ({_short(why[-1], 100)})") from None
+        raise DataError(f"{path} is not a readable video ({short(why[-1], 100)})") from None
     raise DataError(f"{path} is neither a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder of frames")
 
 
@@ -165,7 +129,7 @@ def read_frames(path: Path, indices: list[int]) -> list[Image.Image]:
                 if len(out) == len(indices):
                     return out
     except (OSError, RuntimeError, SyntaxError, ValueError, IndexError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path} cannot be read ({_short(e, 100)}): fix it or remove its line") from None
+        raise DataError(f"{path} cannot be read ({short(e, 100)}): fix it or remove its line") from None
     raise DataError(f"{path} ended after {len(out)} of the frames needed ({indices[-1] + 1}): it changed since the "
                     "run started")
 

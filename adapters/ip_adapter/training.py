@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from adapter_studio.stack import AdapterStack
 from adapter_studio.train.config import ConfigError, DataError, TrainConfig
+from adapter_studio.train.data import Captions, named_path, read_jsonl, short
 from adapter_studio.train.demo_data import ensure_data_dir
-from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main, warn
+from adapter_studio.train.loop import TrainingTask, run_cli, run_on_main
 
 from .adapter import IPAdapter
 from .formats import load_ip_adapter, save_original
@@ -139,63 +140,20 @@ def load_records(cfg: IPAdapterTrainConfig) -> list[tuple[Path, str]]:
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise DataError(f"data_json {path} is not a JSON file: {_short(e)}") from None
+            raise DataError(f"data_json {path} is not a JSON file: {short(e)}") from None
         if not isinstance(rows, list):
             raise DataError(f"data_json {path} must hold a list of {{'image_file', 'text'}} objects")
         root, key_img, key_txt = Path(cfg.data_root), "image_file", "text"
-        where = [f"{path} entry {i}" for i in range(len(rows))]
+        entries = [(row, f"{path} entry {i}") for i, row in enumerate(rows)]
     else:
         path = Path(cfg.data_dir) / "metadata.jsonl"
-        if not path.is_file():
-            raise ConfigError(f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention: one JSON "
-                              "line per image, {\"file_name\": ..., \"text\": ...})")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
-        rows, where = [], []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except (ValueError, RecursionError) as e:
-                raise DataError(f"{path} line {n}: not a JSON object ({_short(e)})") from None
-            where.append(f"{path} line {n}")
+        entries = read_jsonl(path, f"data_dir {cfg.data_dir} has no metadata.jsonl (the imagefolder convention: one "
+                                   "JSON line per image, {\"file_name\": ..., \"text\": ...})")
         root, key_img, key_txt = Path(cfg.data_dir), "file_name", cfg.caption_column
-    records, missing_caption = [], 0
-    for row, at in zip(rows, where):
-        if not isinstance(row, dict) or not isinstance(row.get(key_img), str) or not row[key_img]:
-            raise DataError(f"{at}: needs {key_img!r} (a file name), got {_short(row)}")
-        img = root / row[key_img]
-        try:
-            exists = img.is_file()
-        except (OSError, ValueError):  # a name with a NUL byte or too long for the filesystem
-            exists = False
-        if not exists:
-            raise DataError(f"{at}: image {img} does not exist")
-        caption = row.get(key_txt)
-        if caption is None:
-            missing_caption += 1
-            caption = ""
-        elif not isinstance(caption, (str, int, float)) or isinstance(caption, bool):
-            raise DataError(f"{at}: caption {key_txt!r} must be a string, got {_short(caption)}")
-        records.append((img, str(caption)))
-    if not records:
-        raise DataError(f"the training data in {path} is empty")
-    if missing_caption == len(records):
-        keys = sorted({k for r in rows for k in r} - {key_img})
-        raise DataError(f"{path}: no entry has a caption under {key_txt!r} (other keys: {', '.join(keys) or 'none'})"
-                        + ("; set --caption_column to the right key" if cfg.data_dir else ""))
-    if missing_caption:
-        warn(f"{missing_caption} of {len(records)} entries in {path} have no caption under {key_txt!r}: they train "
-             "with the empty caption")
+    captions = Captions(key_txt, key_img)
+    records = [(named_path(root, row, key_img, at, "a file name"), captions.read(row, at)) for row, at in entries]
+    captions.check(path, "entries", "; set --caption_column to the right key" if cfg.data_dir else "")
     return records
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_image(path: Path) -> Any:
@@ -208,7 +166,7 @@ def read_image(path: Path) -> Any:
     # PIL reports broken files as OSError (truncated, unidentified), SyntaxError (broken PNG chunks), ValueError or
     # its decompression-bomb guard
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"image {path} cannot be read ({_short(e)}): fix it or remove its entry") from None
+        raise DataError(f"image {path} cannot be read ({short(e)}): fix it or remove its entry") from None
 
 
 def verify_images(records: list[tuple[Path, str]]) -> None:
@@ -224,7 +182,7 @@ def verify_images(records: list[tuple[Path, str]]) -> None:
                     im.draft("RGB", (im.width // 8 or 1, im.height // 8 or 1))
                 im.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            bad.append(f"{path} ({_short(e, 60)})")
+            bad.append(f"{path} ({short(e, 60)})")
     if bad:
         raise DataError(f"{len(bad)} of {len(records)} training images cannot be read: {'; '.join(bad[:3])}"
                         f"{'; ...' if len(bad) > 3 else ''}: fix them or remove their entries")

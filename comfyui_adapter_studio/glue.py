@@ -43,27 +43,34 @@ def diffusers_config_of(model: Any) -> dict[str, Any]:
 _STANDINS: dict[str, Any] = {}
 
 
+def _reporting_cpu_float32(base: type) -> type:
+    """`base` (a diffusers UNet class) reporting the CPU and float32 whatever its meta-device weights say: what the
+    family loaders move adapters to."""
+
+    class StandIn(base):
+        @property
+        def device(self) -> torch.device:
+            return torch.device("cpu")
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return torch.float32
+
+    StandIn.__name__ = f"StandIn{base.__name__}"
+    return StandIn
+
+
 def standin_unet(model: Any) -> Any:
     """A diffusers `UNet2DConditionModel` with the layout of ComfyUI's `model`, on the meta device, reporting the CPU
-    and float32 (what the family loaders move adapters to); cached per layout."""
+    and float32; cached per layout."""
     cfg = diffusers_config_of(model)
     key = json.dumps(cfg, sort_keys=True)
     unet = _STANDINS.get(key)
     if unet is None:
         from diffusers import UNet2DConditionModel
 
-        class StandInUNet(UNet2DConditionModel):
-            @property
-            def device(self) -> torch.device:
-                return torch.device("cpu")
-
-            @property
-            def dtype(self) -> torch.dtype:
-                return torch.float32
-
         with torch.device("meta"):
-            unet = StandInUNet(**cfg)
-        _STANDINS[key] = unet
+            unet = _STANDINS[key] = _reporting_cpu_float32(UNet2DConditionModel)(**cfg)
     return unet
 
 
@@ -76,18 +83,9 @@ def standin_video_unet(model: Any) -> Any:
     if unet is None:
         from diffusers import UNetMotionModel
 
-        class StandInMotionUNet(UNetMotionModel):
-            @property
-            def device(self) -> torch.device:
-                return torch.device("cpu")
-
-            @property
-            def dtype(self) -> torch.dtype:
-                return torch.float32
-
         with torch.device("meta"):
-            unet = StandInMotionUNet.from_unet2d(standin_unet(model), load_weights=False)
-        _STANDINS[key] = unet
+            unet = _STANDINS[key] = _reporting_cpu_float32(UNetMotionModel).from_unet2d(standin_unet(model),
+                                                                                         load_weights=False)
     return unet
 
 

@@ -202,6 +202,31 @@ def test_ctrl_adapter_and_ip_adapter_together_compiled_equals_eager(sd15):
         stack.detach()
 
 
+def test_temporal_ctrl_adapter_on_the_video_unet_compiled_equals_eager(sd15, video):
+    """A Ctrl-Adapter made for the AnimateDiff UNet (its temporal layers: a graph of its own beside the ControlNet's)
+    with one control image per frame."""
+    cn = sd15[1].controlnets[0]
+    unet, _, _, data = video
+    torch.manual_seed(0)
+    model = CtrlAdapterModel.for_models(cn, unet, num_blocks=1, num_attention_heads=4, attention_head_dim=8).eval()
+    assert model.temporal
+    t = 500
+    bare = _run(unet, data, t)
+    stack = AdapterStack().attach(unet)
+    slot = stack.add(CtrlAdapter(cn, model), "ctrl", image=[_img(i) for i in range(FRAMES)])
+    try:
+        backend = CountingBackend()
+        stack.compile(backend=backend, fullgraph=True)
+        on = _check_changes(stack, data, t, [
+            ("scale", lambda: setattr(slot, "scale", 0.5)),
+            ("control frames", lambda: slot.inputs.update(image=[_img(i + 5) for i in range(FRAMES)])),
+            ("conditioning scale", lambda: slot.inputs.update(conditioning_scale=0.6)),
+        ], backend, graphs=3)
+        assert (on - bare).abs().max() > 1e-2, "the control acts"
+    finally:
+        stack.detach()
+
+
 # ------------------------------------------------------------------------------------------------- I2V-Adapter
 def test_i2v_adapter_compiled_equals_eager_and_values_do_not_recompile(video):
     unet, i2v, _, data = video

@@ -340,8 +340,9 @@ class AdapterStack:
         return f"{base}{i}"
 
     def _reindex(self) -> None:
-        kept = {id(m) for slot in self.slots.values() for m in slot.adapter.modules()}
-        self._parts = {k: v for k, v in self._parts.items() if k in kept}  # a removed adapter's compiled parts go
+        if self._parts:  # a removed adapter's compiled parts go with it
+            kept = {id(m) for slot in self.slots.values() for m in slot.adapter.modules()}
+            self._parts = {k: v for k, v in self._parts.items() if k in kept}
         by_layer: dict[str, list[Slot]] = {}
         for slot in self.slots.values():
             slot._layer_scales = {}

@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 
 from adapter_studio import AdapterStack
-from compile_helpers import CountingBackend, eager_path, fresh_dynamo
+from compile_helpers import (CountingBackend, compiled_ctrl_unit_equals_eager, eager_path, fresh_dynamo,
+                             tiny_ctrl_parts)
 from adapter_studio.adapters.agd import AGDAdapter
 from adapter_studio.adapters.ctrl_adapter import CtrlAdapter, CtrlAdapterModel
 from adapter_studio.adapters.i2v_adapter import I2VAdapter
 from adapter_studio.adapters.ip_adapter import IPAdapter
-from adapter_studio.presets import build_tiny_controlnet, load_pipeline
+from adapter_studio.presets import load_pipeline
 
 ATOL = 1e-5  # compiled (aot_eager) against eager, as tests/test_compiled.py
 ACTS = 1e-4  # the least difference a change must make (10x the tolerance)
@@ -48,17 +49,8 @@ def _fresh_dynamo():
 @pytest.fixture(scope="module")
 def sd15():
     pipe = load_pipeline("tiny-sd15")
-    cn = build_tiny_controlnet(0)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in cn.parameters():  # the zero-initialised convs get weights, else the ControlNet adds zeros
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.1, generator=g)
-        # a stronger hint embedding: with std 0.1 another control image moves the output by only ~1e-4
-        cn.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 1.0, generator=g)
-    torch.manual_seed(0)
-    model = CtrlAdapterModel.for_models(cn.eval(), pipe.unet, num_blocks=1, num_attention_heads=4,
-                                        attention_head_dim=8).eval()
+    cn, model = tiny_ctrl_parts(pipe.unet, g)
     ip = IPAdapter.from_unet(pipe.unet, pipe.image_encoder.config.projection_dim, init_from_unet=False)
     with torch.no_grad():
         for p in ip.parameters():
@@ -276,6 +268,4 @@ def test_i2v_adapter_and_agd_together_compiled_equals_eager(video):
 
 def test_compiled_ctrl_unit_through_the_pipeline_equals_eager():
     """The CUDA check of tests/test_cuda.py (a Ctrl unit compiled through StudioPipeline), run on the CPU in fp32."""
-    from test_cuda import compiled_ctrl_unit_equals_eager
-
     compiled_ctrl_unit_equals_eager("cpu", torch.float32, atol=1e-4, backend="aot_eager")

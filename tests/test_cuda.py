@@ -91,58 +91,7 @@ def test_sampling_steps_after_the_first_do_not_synchronize(sampler, compiled):
         torch._dynamo.reset()
 
 
-def compiled_ctrl_unit_equals_eager(device: str, dtype: torch.dtype, atol: float, **compile_options) -> None:
-    """A Ctrl unit (ControlNet + Ctrl-Adapter) through `StudioPipeline`, eager then compiled (on CUDA: the UNet as a
-    CUDA graph, the ControlNet and the adapter compiled beside it). Two compiled calls (the second replays what the
-    first recorded) equal the eager call within `atol`, with a control that moves the latents by far more; on CUDA
-    the second call's steps after the first do not synchronise. Dry-run on the CPU by
-    tests/test_compiled_families.py."""
-    import numpy as np
-    from PIL import Image
-
-    from adapter_studio.adapters.ctrl_adapter import CtrlAdapter, CtrlAdapterModel
-    from adapter_studio.pipelines.studio_pipeline import StudioPipeline
-    from adapter_studio.presets import build_tiny_controlnet, load_pipeline
-
-    pipe = load_pipeline("tiny-sd15")
-    cn = build_tiny_controlnet(0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in cn.parameters():  # the zero-initialised convs get weights, else the ControlNet adds zeros
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.1, generator=g)
-    torch.manual_seed(0)
-    model = CtrlAdapterModel.for_models(cn, pipe.unet, num_blocks=1, num_attention_heads=4, attention_head_dim=8)
-    pipe.to(device, dtype)
-    sp = StudioPipeline(pipe)
-    image = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))
-    sp.add(CtrlAdapter(cn, model).to(device, dtype), "ctrl", image=image, conditioning_scale=0.8)
-    steps = 4
-
-    def run(check: bool = False) -> torch.Tensor:
-        def step_end(p, i, t, kw):  # on after step 0 is done, off after the last step
-            torch.cuda.set_sync_debug_mode("error" if i + 1 < steps else "default")
-            return kw
-
-        return sp(["a cat", "a dog"], num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
-                  generator=torch.Generator().manual_seed(0),
-                  callback_on_step_end=step_end if check and device == "cuda" else None).images.float()
-
-    sp.stack["ctrl"].enabled = False
-    bare = run()
-    sp.stack["ctrl"].enabled = True
-    ref = run()
-    assert (ref - bare).abs().max() > 20 * atol, "the control acts"
-    sp.compile(**compile_options)
-    try:
-        for check in (False, True):
-            torch.testing.assert_close(run(check), ref, rtol=0, atol=atol)
-    finally:
-        if device == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-        sp.stack.uncompile()
-        torch._dynamo.reset()
-
-
 def test_compiled_ctrl_unit_equals_eager_on_the_gpu():
+    from compile_helpers import compiled_ctrl_unit_equals_eager
+
     compiled_ctrl_unit_equals_eager("cuda", torch.float16, atol=5e-2)  # the control moves the latents by ~4
